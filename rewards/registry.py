@@ -1,0 +1,47 @@
+"""The reward registry: one protocol for every reward, looked up by name.
+
+A reward is a class with class attributes `name` and `differentiable`, a
+constructor that takes keyword options, and
+`__call__(images float[B,3,H,W] in [0,1], prompts list[str]) -> float[B]`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, TypeVar
+
+import torch
+
+
+class Reward(Protocol):
+    name: str
+    differentiable: bool
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register_reward(name: str) -> Callable[[T], T]:
+    """Class decorator adding a reward class to the registry under `name`."""
+
+    def deco(cls: T) -> T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"reward name {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def reward_names() -> list[str]:
+    """Names of every registered reward, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **options) -> Reward:
+    """Instantiate the reward registered as `name` with keyword `options`."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(reward_names())}")
+    return _REGISTRY[name](**options)
