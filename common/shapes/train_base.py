@@ -1,0 +1,390 @@
+"""Train the Shapes base model: a complete tiny StableDiffusionPipeline on procedural Shapes scenes.
+
+Stages, each printed as it runs:
+  1. data:   n seeded scenes (common.shapes.scenes), uint8 [N, 64, 64, 3] with captions;
+  2. vae:    AutoencoderKL, 64x64x3 images -> 8x8x4 latents (MSE + tiny KL);
+  3. encode: all images to latent means/stds; scaling_factor = 1 / std of the latents;
+  4. unet:   CLIPTextModel + UNet2DConditionModel, epsilon loss, 10% caption dropout (for CFG), EMA.
+The EMA pipeline is saved every --ckpt-minutes to WORK/ckpt, at the end in fp32 to WORK/final_fp32 and to
+--out (StableDiffusionPipeline.save_pretrained, safetensors; all modules fp16 unless --fp32: load it with
+torch_dtype=torch.float32 on a CPU, where fp16 is ~10x slower). --export-from DIR re-saves a saved fp32
+pipeline to --out in fp16 without training. The stage lengths are step
+counts; when --vae-steps / --unet-steps are not given they are derived from the --minutes wall-clock budget
+after timing a few steps, and the steps used are written to OUT/train_config.json so that a rerun with
+them is exact up to floating-point non-determinism.
+
+    python -m common.shapes.train_base --out common/assets/shapes_base --seed 0 --minutes 75
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.shapes.scenes import generate_scenes
+
+TEXT_MAX_LENGTH = 16
+
+
+def build_models(tokenizer_vocab: int, pad_id: int) -> tuple:
+    """Fresh (vae, text_encoder, unet, scheduler) with the testbed's sizes (see docs/shapes.md)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer_vocab,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            projection_dim=128,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=pad_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=8,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return vae, text_encoder, unet, scheduler
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to peak, then cosine decay to 10% of peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def save_pipeline(path: Path, vae, text_encoder, unet, scheduler, tokenizer, fp16: bool, meta: dict) -> None:
+    """save_pretrained a StableDiffusionPipeline (no safety checker) to path, plus train_config.json."""
+    from diffusers import StableDiffusionPipeline
+
+    # Every module in one dtype: a mixed fp16/fp32 directory fails in a plain from_pretrained(path).
+    te, un, va = copy.deepcopy(text_encoder), copy.deepcopy(unet), copy.deepcopy(vae)
+    if fp16:
+        te, un, va = te.half(), un.half(), va.half()
+    pipe = StableDiffusionPipeline(
+        vae=va,
+        text_encoder=te,
+        tokenizer=tokenizer,
+        unet=un,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    # transformers loads a model in the dtype its config names; diffusers loads fp32. Name fp32 so that a
+    # plain from_pretrained(path) gives one dtype (fp32, fast on CPUs) from the fp16 files.
+    te_config = path / "text_encoder" / "config.json"
+    cfg = json.loads(te_config.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    te_config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (path / "train_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def export_pipeline(src: Path, dst: Path, fp16: bool = True) -> None:
+    """Re-save the pipeline saved at src (and its train_config.json) to dst, all modules fp16 if fp16."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(src), torch_dtype=torch.float32)
+    meta = (
+        json.loads((src / "train_config.json").read_text()) if (src / "train_config.json").is_file() else {}
+    )
+    save_pipeline(dst, pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer, fp16, meta)
+    print(f"exported {src} -> {dst} (fp16={fp16})", flush=True)
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[{(time.time() - t0) / 60:6.1f} min] {msg}", flush=True)
+
+
+def _steps_for(budget_s: float, step_fn, probe_steps: int = 8) -> tuple[int, float]:
+    """Time probe_steps calls of step_fn (after one warm-up) and return (steps that fit budget_s, s/step)."""
+    step_fn(0)
+    t = time.time()
+    for i in range(probe_steps):
+        step_fn(i + 1)
+    per = (time.time() - t) / probe_steps
+    return max(50, int(budget_s / per)), per
+
+
+def train_vae(args, images: torch.Tensor, t0: float, budget_s: float):
+    from diffusers import AutoencoderKL
+
+    vae = build_models(49408, 49407)[0]
+    n = images.shape[0]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+
+    def batch() -> torch.Tensor:
+        idx = torch.randint(0, n, (args.vae_batch,), generator=gen)
+        return images[idx].float() / 127.5 - 1.0
+
+    def step(i: int, total: int = 10**9) -> float:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, total, args.vae_lr, 100)
+        x = batch()
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + args.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    total = args.vae_steps
+    if total is None:
+        total, per = _steps_for(budget_s, step)
+        _log(f"vae: {per:.2f} s/step -> {total} steps in {budget_s / 60:.1f} min", t0)
+    ema_loss, t_last = None, time.time()
+    for i in range(total):
+        loss = step(i, total)
+        ema_loss = loss if ema_loss is None else 0.98 * ema_loss + 0.02 * loss
+        if (i + 1) % args.log_every == 0 or i + 1 == total:
+            psnr = 10 * math.log10(4.0 / max(ema_loss, 1e-8))
+            dt = (time.time() - t_last) / args.log_every
+            t_last = time.time()
+            _log(f"vae step {i + 1}/{total} loss {ema_loss:.5f} (~{psnr:.1f} dB) {dt:.2f} s/step", t0)
+    vae.eval()
+    assert isinstance(vae, AutoencoderKL)
+    return vae, total
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent means and stds [N, 4, 8, 8] of uint8 images [N, 3, 64, 64]."""
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        d = vae.encode(images[i : i + batch].float() / 127.5 - 1.0).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(
+    args, latents, stds, captions, vae, tokenizer, work: Path, out: Path, t0: float, budget_s, meta
+):
+    _, text_encoder, unet, scheduler = build_models(len(tokenizer), tokenizer.pad_token_id)
+    n_params = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in text_encoder.parameters())
+    _log(f"unet {n_params[0] / 1e6:.2f}M params, text encoder {n_params[1] / 1e6:.2f}M params", t0)
+    uniq = sorted(set(captions))
+    cap_index = {c: i for i, c in enumerate(uniq)}
+    ids_table = tokenizer(
+        uniq + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    empty_row = len(uniq)
+    cap_idx = torch.tensor([cap_index[c] for c in captions])
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    alphas = scheduler.alphas_cumprod
+    sf = vae.config.scaling_factor
+    n = latents.shape[0]
+
+    def step(i: int, total: int = 10**9) -> float:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, total, args.lr, args.warmup)
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        z = (latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)) * sf
+        rows = cap_idx[idx].clone()
+        rows[torch.rand(args.batch, generator=gen) < args.caption_dropout] = empty_row
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        cond = text_encoder(ids_table[rows])[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def ema_update(i: int) -> None:
+        d = min(args.ema, (1 + i) / (10 + i))
+        for src, dst in ((unet, ema_unet), (text_encoder, ema_te)):
+            for p, q in zip(src.parameters(), dst.parameters()):
+                q.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    total = args.unet_steps
+    if total is None:
+        total, per = _steps_for(budget_s, step)
+        _log(f"unet: {per:.2f} s/step -> {total} steps in {budget_s / 60:.1f} min", t0)
+        # The timing steps trained the model; restart from fresh weights so the run is defined by `total`.
+        _, text_encoder2, unet2, _ = build_models(len(tokenizer), tokenizer.pad_token_id)
+        unet.load_state_dict(unet2.state_dict())
+        text_encoder.load_state_dict(text_encoder2.state_dict())
+        ema_unet.load_state_dict(unet2.state_dict())
+        ema_te.load_state_dict(text_encoder2.state_dict())
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        gen.manual_seed(args.seed + 2)
+    meta["unet_steps"] = total
+    ema_loss, t_last, t_ckpt = None, time.time(), time.time()
+    for i in range(total):
+        loss = step(i, total)
+        ema_update(i)
+        ema_loss = loss if ema_loss is None else 0.98 * ema_loss + 0.02 * loss
+        if (i + 1) % args.log_every == 0 or i + 1 == total:
+            dt = (time.time() - t_last) / args.log_every
+            t_last = time.time()
+            eta = dt * (total - i - 1) / 60
+            _log(
+                f"unet step {i + 1}/{total} loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{dt:.2f} s/step eta {eta:.1f} min",
+                t0,
+            )
+        if time.time() - t_ckpt > args.ckpt_minutes * 60:
+            t_ckpt = time.time()
+            save_pipeline(
+                work / "ckpt",
+                vae,
+                ema_te,
+                ema_unet,
+                scheduler,
+                tokenizer,
+                False,
+                {**meta, "ckpt_step": i + 1},
+            )
+            _log(f"checkpoint (EMA, fp32) at step {i + 1} -> {work / 'ckpt'}", t0)
+    save_pipeline(work / "final_fp32", vae, ema_te, ema_unet, scheduler, tokenizer, False, meta)
+    save_pipeline(out, vae, ema_te, ema_unet, scheduler, tokenizer, not args.fp32, meta)
+    _log(f"saved final EMA pipeline to {out} (fp16={not args.fp32}) and {work / 'final_fp32'}", t0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for the final pipeline (save_pretrained)")
+    p.add_argument("--work", default="/tmp/shapes_train", help="scratch: dataset cache, VAE, checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batches")
+    p.add_argument("--n-images", type=int, default=40_000, help="training scenes")
+    p.add_argument("--pair-fraction", type=float, default=0.5, help="fraction of two-object scenes")
+    p.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget for all stages")
+    p.add_argument("--vae-minutes", type=float, default=14.0, help="part of --minutes for the VAE")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: from --vae-minutes)")
+    p.add_argument("--unet-steps", type=int, default=None, help="UNet steps (default: the rest of --minutes)")
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight (small: a near-deterministic AE)")
+    p.add_argument("--batch", type=int, default=64, help="UNet batch")
+    p.add_argument("--lr", type=float, default=6e-4, help="peak AdamW lr for UNet and text encoder")
+    p.add_argument("--warmup", type=int, default=200, help="lr warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="P(empty caption), for CFG")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--ckpt-minutes", type=float, default=10.0, help="EMA checkpoint period")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--fp32", action="store_true", help="save --out in fp32 (default: fp16 UNet/text encoder)")
+    p.add_argument("--export-from", default=None, help="only re-save this fp32 pipeline dir to --out (fp16)")
+    p.add_argument("--reuse-vae", action="store_true", help="reuse WORK/vae if present (resume)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from diffusers import AutoencoderKL
+
+    from common.tokenizer import build_clip_tokenizer
+
+    args = parse_args(argv)
+    if args.export_from is not None:
+        export_pipeline(Path(args.export_from), Path(args.out), fp16=not args.fp32)
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    _log(f"args {vars(args)}", t0)
+
+    images_np, captions = generate_scenes(args.n_images, args.seed, args.pair_fraction)
+    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
+    n_pairs = sum(" of " in c or " above " in c or " below " in c for c in captions)
+    _log(f"data: {len(captions)} scenes ({n_pairs} pairs), {len(set(captions))} distinct captions", t0)
+
+    vae_dir = work / "vae"
+    meta: dict = {k: v for k, v in vars(args).items() if k not in ("out", "work", "reuse_vae")}
+    if args.reuse_vae and (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        meta["vae_steps"] = json.loads((vae_dir / "steps.json").read_text())["vae_steps"]
+        _log(f"vae: reused {vae_dir}", t0)
+    else:
+        vae, meta["vae_steps"] = train_vae(args, images, t0, args.vae_minutes * 60 - (time.time() - t0))
+        vae.save_pretrained(str(vae_dir))
+        (vae_dir / "steps.json").write_text(json.dumps({"vae_steps": meta["vae_steps"]}))
+    for p in vae.parameters():
+        p.requires_grad_(False)
+
+    means, stds = encode_all(vae, images)
+    std = float((means + stds * torch.randn_like(stds)).std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    meta["scaling_factor"] = 1.0 / std
+    with torch.no_grad():
+        rec = vae.decode(means[:256]).sample.clamp(-1, 1)
+        mse = F.mse_loss(rec, images[:256].float() / 127.5 - 1.0).item()
+    _log(
+        f"encode: latents {tuple(means.shape)}, std {std:.3f} -> scaling_factor {1 / std:.4f}, "
+        f"recon PSNR {10 * math.log10(4.0 / mse):.1f} dB",
+        t0,
+    )
+
+    tokenizer = build_clip_tokenizer(model_max_length=TEXT_MAX_LENGTH)
+    budget = args.minutes * 60 - (time.time() - t0) - 60  # a minute for the saves
+    train_unet(args, means, stds, captions, vae, tokenizer, work, out, t0, budget, meta)
+    _log("done", t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Shapes testbed rewards: a programmatic alignment detector for captions of the Shapes grammar.
+
+`shapes` is the exact (thresholded, non-differentiable) score; `shapes_soft` is its differentiable
+counterpart for reward backpropagation (soft colour masks, soft centroids, softmax over shape-template
+overlaps). Both score in [0, 1] with partial credit (common/shapes/detect.py says how) and raise
+CaptionGrammarError for a caption outside the grammar, never a silent 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.shapes.detect import score_scenes
+from rewards.registry import register_reward
+
+
+@register_reward("shapes")
+class ShapesReward:
+    """Hard Shapes alignment score: images float [B, 3, H, W] in [0, 1], prompts -> float [B] in [0, 1]."""
+
+    name = "shapes"
+    differentiable = False
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return score_scenes(images, prompts, soft=False).score.to(images.device, torch.float32)
+
+
+@register_reward("shapes_soft")
+class ShapesSoftReward:
+    """Differentiable Shapes alignment score: images float [B, 3, H, W] in [0, 1] -> float [B] in [0, 1].
+
+    rel_scale: width in pixels of the relation's sigmoids (smaller is closer to the hard rule).
+    """
+
+    name = "shapes_soft"
+    differentiable = True
+
+    def __init__(self, rel_scale: float = 2.0) -> None:
+        if rel_scale <= 0:
+            raise ValueError(f"shapes_soft rel_scale must be > 0 pixels (got {rel_scale})")
+        self.rel_scale = rel_scale
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return score_scenes(images, prompts, soft=True, rel_scale=self.rel_scale).score
