@@ -287,3 +287,31 @@ def generate_scenes(
         images[i] = scene.image
         captions.append(scene.caption.text)
     return images, captions
+
+
+CORRUPTIONS: tuple[str, ...] = ("wrong_colour", "wrong_shape", "swapped_relation")
+
+
+def corrupt_caption(caption: Caption | str, kind: str, rng: np.random.Generator) -> Caption:
+    """A caption that a scene drawn for `caption` deliberately fails, for testing the detector.
+
+    wrong_colour: the first object's colour becomes one that no object of the caption has;
+    wrong_shape: the first object's shape becomes another shape;
+    swapped_relation: the relation word becomes its opposite (pairs only).
+    """
+    cap = parse_caption(caption) if isinstance(caption, str) else caption
+    first, rest = cap.objects[0], cap.objects[1:]
+    if kind == "wrong_colour":
+        used = {o.colour for o in cap.objects}
+        free = [c for c in COLOURS if c not in used]
+        first = ObjectSpec(free[int(rng.integers(len(free)))], first.shape)
+        return Caption(objects=(first, *rest), relation=cap.relation)
+    if kind == "wrong_shape":
+        other = [s for s in SHAPES if s != first.shape]
+        first = ObjectSpec(first.colour, other[int(rng.integers(len(other)))])
+        return Caption(objects=(first, *rest), relation=cap.relation)
+    if kind == "swapped_relation":
+        if cap.relation is None:
+            raise ValueError(f"swapped_relation needs a two-object caption, got {cap.text!r}")
+        return Caption(objects=cap.objects, relation=OPPOSITE_RELATION[cap.relation])
+    raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
