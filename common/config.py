@@ -1,0 +1,327 @@
+"""The whole run's configuration: pydantic models, YAML presets, dotted overrides.
+
+Every field says what it does and how it interacts with others. Presets are
+YAML files in common/presets/; `load_config("tiny", ["train.epochs=3"])`
+resolves a preset (or a YAML path) and applies `--set` overrides. Invalid
+values raise `ConfigError` with one line naming the field, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    pretrained: str = Field(
+        "tiny",
+        description="Built-in name ('tiny', 'shapes-base'), a hub id (e.g. runwayml/stable-diffusion-v1-5) "
+        "or a local directory saved with save_pretrained.",
+    )
+    revision: str | None = Field(None, description="Hub revision, for hub ids only.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the frozen weights; LoRA weights and log-probs stay float32."
+    )
+    tiny_seed: int = Field(0, description="Seed of the built-in random 'tiny' model's weights.")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(4, ge=1, description="LoRA rank r.")
+    alpha: float = Field(4.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names (suffixes) that get LoRA; attention only is the SD default.",
+    )
+    init_seed: int = Field(0, description="Seed of the LoRA initialisation (B starts at zero either way).")
+
+
+class PromptsConfig(_Strict):
+    train: str = Field(
+        "tiny_animals", description="Training prompts: a named prompt set or a path to a text file (one per line)."
+    )
+    eval: str | None = Field(None, description="Evaluation prompts, same forms; null means the training prompts.")
+
+
+class SamplingConfig(_Strict):
+    num_steps: int = Field(20, ge=2, le=1000, description="DDIM denoising steps T per image.")
+    eta: float = Field(
+        1.0, gt=0, le=1, description="DDIM eta; must be > 0 so each step is stochastic and has a log-prob."
+    )
+    guidance_scale: float = Field(
+        5.0, ge=1.0, description="Constant CFG scale used when exploration is off, and for evaluation."
+    )
+    batch_size: int = Field(8, ge=1, description="Images per UNet batch inside a sampler.")
+
+
+class CfgScheduleConfig(_Strict):
+    kind: Literal["constant", "step", "linear", "cosine"] = Field(
+        "step",
+        description="Shape of the guidance scale over denoising steps: constant (= high), step (low before "
+        "`switch`, high after), linear or cosine (low at the first step to high at the last).",
+    )
+    low: float = Field(1.0, ge=0.0, description="Scale in the early, noisy steps (layout diversity).")
+    high: float = Field(5.0, ge=0.0, description="Scale in the late steps (fidelity); must be >= low.")
+    switch: float = Field(
+        0.4, ge=0.0, le=1.0, description="For kind=step: fraction of the steps spent at `low` before `high`."
+    )
+    scale_jitter: float = Field(
+        0.0, ge=0.0, description="Per-sample uniform jitter +-scale_jitter added to low and high (clamped >= 0)."
+    )
+    switch_jitter: float = Field(
+        0.0, ge=0.0, le=0.5, description="Per-sample uniform jitter +-switch_jitter of the switch fraction."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> "CfgScheduleConfig":
+        if self.high < self.low:
+            raise ValueError(f"high must be >= low (got {self.high} < {self.low})")
+        return self
+
+
+class PromptWeightingConfig(_Strict):
+    enabled: bool = Field(True, description="Randomly re-weight content words of each training prompt.")
+    num_phrases: int = Field(1, ge=0, description="k: how many content words get a random weight per rollout.")
+    low: float = Field(0.5, ge=0.0, description="Lower bound of the weight w ~ U[low, high].")
+    high: float = Field(1.5, ge=0.0, description="Upper bound of the weight; must be >= low.")
+    probability: float = Field(
+        1.0, ge=0.0, le=1.0, description="Chance that a rollout is re-weighted at all (else the plain prompt)."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> "PromptWeightingConfig":
+        if self.high < self.low:
+            raise ValueError(f"high must be >= low (got {self.high} < {self.low})")
+        return self
+
+
+class ExplorationConfig(_Strict):
+    enabled: bool = Field(True, description="DiffExp exploration for training rollouts (never for evaluation).")
+    cfg_schedule: CfgScheduleConfig = Field(default_factory=CfgScheduleConfig)
+    prompt_weighting: PromptWeightingConfig = Field(default_factory=PromptWeightingConfig)
+
+
+class StatTrackerConfig(_Strict):
+    per_prompt: bool = Field(True, description="Normalise rewards per prompt (DDPO) instead of per batch.")
+    buffer_size: int = Field(32, ge=1, description="Rewards kept per prompt (most recent).")
+    min_count: int = Field(
+        8, ge=1, description="Below this many rewards for a prompt, the batch's mean and std are used."
+    )
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["ddpo"] = Field("ddpo", description="Training algorithm.")
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip before each optimizer step.")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (DDPO uses 1e-4).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to [-adv_clip_max, adv_clip_max].")
+    timestep_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained on (random per sample)."
+    )
+    inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's samples.")
+    minibatch_size: int = Field(8, ge=1, description="Samples per gradient-accumulation microbatch.")
+    gradient_accumulation: int = Field(
+        2, ge=1, description="Microbatches per optimizer step (effective batch = minibatch_size x this)."
+    )
+    timestep_chunk: int = Field(
+        0, ge=0, description="Timesteps per UNet forward in training (0 = all at once; lower to save memory)."
+    )
+    stat_tracking: StatTrackerConfig = Field(default_factory=StatTrackerConfig)
+
+
+class RewardTerm(_Strict):
+    name: str = Field(description="Registered reward name (see rewards.registry).")
+    weight: float = Field(1.0, description="Weight of this term in the summed reward.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options for the reward.")
+
+
+class RewardConfig(_Strict):
+    terms: list[RewardTerm] = Field(
+        default_factory=lambda: [RewardTerm(name="jpeg_compressibility")],
+        description="Rewards summed with their weights.",
+    )
+    batch_size: int = Field(16, ge=1, description="Images per reward call.")
+
+
+class ActorResources(_Strict):
+    num_cpus: float = Field(0.5, ge=0, description="Ray logical CPUs reserved per actor (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per actor (fractions share a GPU).")
+    torch_threads: int = Field(1, ge=1, description="torch.set_num_threads inside the actor.")
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray address; null uses RAY_ADDRESS if set, else starts a local Ray."
+    )
+    num_samplers: int = Field(2, ge=1, description="Sampler actors.")
+    num_reward_actors: int = Field(1, ge=1, description="Reward actors.")
+    sampler: ActorResources = Field(default_factory=ActorResources)
+    reward: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.25))
+    learner: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.5, torch_threads=2))
+    local_num_cpus: int | None = Field(
+        None, description="Logical CPUs of a locally started Ray (null: the machine's count)."
+    )
+
+
+class ReplayConfig(_Strict):
+    backend: Literal["embedded"] = Field("embedded", description="Replay queue backend.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="How many policy versions old a trajectory may be when trained on. 0: strictly "
+        "on-policy; >= 1: sampling of the next epoch overlaps learning.",
+    )
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1, description="Training epochs (one sample-score-learn round each).")
+    samples_per_epoch: int = Field(16, ge=1, description="Training images sampled (and scored) per epoch.")
+    seed: int = Field(0, description="Seed of prompts, noise and exploration.")
+    checkpoint_every: int = Field(5, ge=0, description="Checkpoint every N epochs (0: only at the end).")
+
+
+class EvalConfig(_Strict):
+    every: int = Field(5, ge=0, description="Evaluate every N epochs and before the first update (0: never).")
+    images_per_prompt: int = Field(2, ge=1, description="Evaluation images per evaluation prompt.")
+    max_prompts: int = Field(8, ge=1, description="At most this many evaluation prompts (the first ones).")
+    seed: int = Field(12345, description="Fixed seed of evaluation noise, the same for every evaluation.")
+
+
+class OutputConfig(_Strict):
+    dir: str | None = Field(None, description="Run directory; null means runs/<timestamp>.")
+    grid_every: int = Field(5, ge=0, description="Save a sample image grid every N epochs (0: never).")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events.")
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        per_step = self.algorithm.minibatch_size * self.algorithm.gradient_accumulation
+        if self.train.samples_per_epoch % self.algorithm.minibatch_size:
+            raise ValueError(
+                f"train.samples_per_epoch ({self.train.samples_per_epoch}) must be a multiple of "
+                f"algorithm.minibatch_size ({self.algorithm.minibatch_size})"
+            )
+        if per_step > self.train.samples_per_epoch:
+            raise ValueError(
+                f"algorithm.minibatch_size x gradient_accumulation ({per_step}) exceeds "
+                f"train.samples_per_epoch ({self.train.samples_per_epoch}): no optimizer step would run"
+            )
+        return self
+
+    def derived(self) -> dict[str, int]:
+        """Sizes worth printing at start-up."""
+        a = self.algorithm
+        steps = int(self.sampling.num_steps * a.timestep_fraction) or 1
+        return {
+            "samples_per_epoch": self.train.samples_per_epoch,
+            "effective_batch": a.minibatch_size * a.gradient_accumulation,
+            "optimizer_steps_per_epoch": a.inner_epochs
+            * (self.train.samples_per_epoch // (a.minibatch_size * a.gradient_accumulation)),
+            "trained_timesteps_per_sample": steps,
+            "reward_queries_total": self.train.epochs * self.train.samples_per_epoch,
+        }
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to nested dict `data` in place."""
+    if "=" not in dotted:
+        raise ConfigError(f"--set {dotted!r}: expected dotted.key=value, e.g. train.epochs=5")
+    key, _, raw = dotted.partition("=")
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = _parse_scalar(raw)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"config field {loc}: unknown field (check the spelling; `--help` lists the sections)"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"config field {loc}: {msg}{shown}"
+
+
+def validate_config(data: dict) -> RunConfig:
+    """Build a RunConfig from nested dicts; raise ConfigError with a one-line message on bad values."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def read_config_source(name_or_path: str) -> dict:
+    """The raw nested dict of a preset name or a YAML file path."""
+    path = Path(name_or_path)
+    if not path.suffix and (PRESET_DIR / f"{name_or_path}.yaml").is_file():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"config {name_or_path!r}: no such preset or file; presets: {', '.join(preset_names())}"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Resolve a preset or YAML file, apply dotted overrides, validate."""
+    data = read_config_source(name_or_path)
+    for o in overrides or []:
+        apply_override(data, o)
+    return validate_config(data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what runs/<name>/config.yaml holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,68 @@
+"""Rollout generation: prompts and seeds in, a TrajectoryBatch out (no Ray here).
+
+`RolloutGenerator` holds a frozen pipeline plus the LoRA adapter. The Ray
+SamplerActor is a thin wrapper around it, and the single-process loop uses it
+directly, so both run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.config import RunConfig
+from common.exploration import plan_rollout
+from common.pipelines import DiffusionParts, attach_lora, load_lora_state, load_pipeline, lora_checksum, lora_state
+from common.sampling import Conditioner, sample_rollout
+from common.trajectory import TrajectoryBatch
+
+
+def sample_seeds(base_seed: int, epoch: int, count: int, offset: int = 0) -> list[int]:
+    """Deterministic per-sample seeds for one epoch's rollouts."""
+    g = torch.Generator().manual_seed((base_seed * 1_000_003 + epoch * 7919 + 17) % (2**63))
+    seeds = torch.randint(0, 2**62, (offset + count,), generator=g).tolist()
+    return seeds[offset:]
+
+
+class RolloutGenerator:
+    """Samples trajectories with DiffExp exploration from the current LoRA policy."""
+
+    def __init__(self, cfg: RunConfig, device: str = "cpu"):
+        self.cfg = cfg
+        pipe = load_pipeline(cfg.model)
+        attach_lora(pipe.unet, cfg.lora)
+        pipe.unet.to(device)
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
+        self.parts = DiffusionParts.from_pipeline(pipe)
+        self.conditioner = Conditioner(self.parts)
+        self.version = 0
+
+    def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
+        """Load LoRA `state` as policy `version`; answer with the version and a checksum of what is now held."""
+        load_lora_state(self.parts.unet, state)
+        self.version = version
+        return version, lora_checksum(lora_state(self.parts.unet))
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.parts.unet)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], explore: bool = True) -> TrajectoryBatch:
+        """Sample one trajectory per (prompt, seed); exploration only if `explore` (training rollouts)."""
+        s = self.cfg.sampling
+        out = []
+        for i in range(0, len(prompts), s.batch_size):
+            ps, ss = prompts[i : i + s.batch_size], seeds[i : i + s.batch_size]
+            plans = [plan_rollout(p, sd, self.cfg.exploration, s.num_steps, s.guidance_scale, explore) for p, sd in zip(ps, ss)]
+            cond = self.conditioner.embeddings(plans)
+            guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
+            roll = sample_rollout(self.parts, cond, self.conditioner.empty, guidance, ss, s.num_steps, s.eta)
+            images = self.parts.decode(roll.latents[:, -1].to(self.parts.unet.device)).cpu()
+            out.append(
+                TrajectoryBatch(
+                    prompts=list(ps), plans=[p.to_json() for p in plans], latents=roll.latents,
+                    log_probs=roll.log_probs, timesteps=roll.timesteps, guidance=guidance, cond=cond,
+                    images=(images * 255).round().to(torch.uint8), policy_version=self.version, evaluation=not explore,
+                )  # fmt: skip
+            )
+        return TrajectoryBatch.concat(out) if len(out) > 1 else out[0]

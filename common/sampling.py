@@ -1,0 +1,205 @@
+"""DDIM sampling with per-step log-probs, shared by the sampler and the learner.
+
+`ddim_step_with_logprob` is a pure function of its inputs: the sampler uses it
+to draw x_{t-1} ~ N(mean, std^2) and record log p(x_{t-1} | x_t); the learner
+calls the same function with `prev_sample` given to recompute that log-prob
+under the current policy. `guided_noise_pred` is the one CFG forward both use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.exploration import RolloutPlan, apply_token_weights, parse_prompt, tokenize_weighted
+from common.pipelines import DiffusionParts
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int, steps_offset: int = 1) -> torch.Tensor:
+    """DDIM's 'leading' timestep spacing, noisiest first: [T] long."""
+    ratio = num_train_timesteps // num_steps
+    return torch.from_numpy((np.arange(num_steps) * ratio).round()[::-1].copy().astype(np.int64)) + steps_offset
+
+
+def ddim_step_with_logprob(
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: float,
+    num_train_timesteps: int,
+    num_steps: int,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} with eta > 0 and its Gaussian log-prob.
+
+    model_output, sample, prev_sample, noise: [B, C, h, w]; timestep: [B] long.
+    Returns (prev_sample [B, C, h, w], log_prob [B]); the log-prob is the mean over latent
+    dimensions (as DDPO does), so PPO ratios stay O(1) whatever the latent size.
+    If prev_sample is None it is drawn as mean + std * noise (noise ~ N(0, I) required).
+    """
+    ac = alphas_cumprod.to(sample.device, torch.float32)
+    prev_t = timestep - num_train_timesteps // num_steps
+    shape = (-1,) + (1,) * (sample.ndim - 1)
+    a_t = ac[timestep].view(shape)
+    a_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.full_like(prev_t, final_alpha_cumprod, dtype=ac.dtype))
+    a_prev = a_prev.view(shape)
+    b_t = 1 - a_t
+    out = model_output.float()
+    x = sample.float()
+    if prediction_type == "epsilon":
+        eps = out
+        x0 = (x - b_t.sqrt() * eps) / a_t.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x - b_t.sqrt() * out
+        eps = a_t.sqrt() * out + b_t.sqrt() * x
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=1e-20).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        if noise is None:
+            raise ValueError("ddim_step_with_logprob needs `noise` when `prev_sample` is not given")
+        prev_sample = mean + std * noise.to(mean.device, mean.dtype)
+    prev_sample = prev_sample.detach().float()
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def guided_noise_pred(
+    parts: DiffusionParts,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Classifier-free guided prediction, one UNet call on [uncond; cond].
+
+    latents [N, C, h, w], timesteps [N], cond [N, L, D], uncond [N, L, D] or [L, D], scale [N].
+    Returns eps_u + scale * (eps_c - eps_u), [N, C, h, w] float32.
+    """
+    n = latents.shape[0]
+    if uncond.ndim == 2:
+        uncond = uncond.unsqueeze(0).expand(n, -1, -1)
+    dtype = parts.unet.dtype
+    out = parts.unet(
+        torch.cat([latents, latents]).to(dtype),
+        torch.cat([timesteps, timesteps]),
+        encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
+    ).sample.float()
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + scale.view(-1, 1, 1, 1).to(out.dtype) * (eps_c - eps_u)
+
+
+class Conditioner:
+    """Text conditioning for rollouts: plain embeddings cached per prompt, weights applied per rollout."""
+
+    def __init__(self, parts: DiffusionParts):
+        self.parts = parts
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        empty_ids, _ = tokenize_weighted(parts.tokenizer, parse_prompt(""))
+        self.empty = self._encode([empty_ids])[0]  # [L, D]
+
+    def _encode(self, id_lists: list[list[int]]) -> torch.Tensor:
+        missing = [ids for ids in {tuple(i) for i in id_lists} if ids not in self._cache]
+        if missing:
+            z = self.parts.encode_ids(torch.tensor(missing, dtype=torch.long)).cpu()
+            self._cache.update(zip(missing, z))
+            if len(self._cache) > 4096:  # bound memory on huge prompt sets
+                self._cache = dict(list(self._cache.items())[-2048:])
+        return torch.stack([self._cache[tuple(i)] for i in id_lists])
+
+    def embeddings(self, plans: list[RolloutPlan]) -> torch.Tensor:
+        """Conditioning [B, L, D] of each plan's (re-weighted) prompt."""
+        toks = [tokenize_weighted(self.parts.tokenizer, p.weighted_prompt) for p in plans]
+        z = self._encode([ids for ids, _ in toks])
+        w = torch.tensor([ws for _, ws in toks], dtype=torch.float32)
+        if torch.all(w == 1.0):
+            return z
+        return apply_token_weights(z, self.empty, w)
+
+
+@dataclass
+class Rollout:
+    """Result of sampling B images: the chain of latents and each step's log-prob."""
+
+    latents: torch.Tensor  # [B, T+1, C, h, w], x_T first
+    log_probs: torch.Tensor  # [B, T]
+    timesteps: torch.Tensor  # [T]
+
+
+def initial_noise(seeds: list[int], num_steps: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-sample noise [B, T+1, *shape] from each sample's own seed (x_T, then one draw per step)."""
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s) % (2**63))
+        out.append(torch.randn((num_steps + 1, *shape), generator=g))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def sample_rollout(
+    parts: DiffusionParts,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: torch.Tensor,
+    seeds: list[int],
+    num_steps: int,
+    eta: float,
+) -> Rollout:
+    """DDIM-sample B latents with per-sample, per-step guidance [B, T], recording log-probs."""
+    sch = parts.scheduler
+    device = parts.unet.device
+    ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
+    noise = initial_noise(seeds, num_steps, parts.latent_shape).to(device)
+    x = noise[:, 0]
+    chain, logps = [x], []
+    cond, uncond, guidance = cond.to(device), uncond.to(device), guidance.to(device)
+    final = float(sch.final_alpha_cumprod)
+    for i, t in enumerate(ts.tolist()):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+        eps = guided_noise_pred(parts, x, tt, cond, uncond, guidance[:, i])
+        x, lp = ddim_step_with_logprob(
+            sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
+            noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
+        )  # fmt: skip
+        chain.append(x)
+        logps.append(lp)
+    return Rollout(torch.stack(chain, 1).cpu(), torch.stack(logps, 1).cpu(), ts)
+
+
+def recompute_logprobs(
+    parts: DiffusionParts,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    scale: torch.Tensor,
+    num_steps: int,
+    eta: float,
+) -> torch.Tensor:
+    """Log-prob [N] of given transitions x_t -> x_{t-1} under the current UNet (with gradients).
+
+    latents, next_latents [N, C, h, w]; timesteps, scale [N]; cond [N, L, D]. N may mix
+    samples and timesteps freely: DDPO's loss is a sum over both, so they batch together.
+    """
+    sch = parts.scheduler
+    device = parts.unet.device
+    latents, next_latents = latents.to(device), next_latents.to(device)
+    eps = guided_noise_pred(parts, latents, timesteps.to(device), cond.to(device), uncond.to(device), scale.to(device))
+    _, lp = ddim_step_with_logprob(
+        sch.alphas_cumprod, float(sch.final_alpha_cumprod), sch.config.num_train_timesteps, num_steps, eps,
+        timesteps.to(device), latents, eta, prev_sample=next_latents, prediction_type=sch.config.prediction_type,
+    )  # fmt: skip
+    return lp

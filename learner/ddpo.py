@@ -1,0 +1,181 @@
+"""The DDPO learner: PPO-clipped policy gradient over DDIM steps, on LoRA weights (no Ray here).
+
+It recomputes each trajectory's log-probs with the trajectory's own per-step
+CFG scales and conditioning, through the same `recompute_logprobs` /
+`ddim_step_with_logprob` code the sampler used, so on-policy ratios are
+exactly 1 up to float error. Timesteps of a minibatch go through the UNet
+together: DDPO's loss sums over samples and timesteps, so batching them gives
+the same gradient as a loop, with fewer, larger forward passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.pipelines import DiffusionParts, attach_lora, load_lora_state, load_pipeline, lora_checksum, lora_state
+from common.sampling import Conditioner, recompute_logprobs
+from common.trajectory import TrajectoryBatch
+from learner.stat_tracker import PerPromptStatTracker
+
+
+def ppo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clipped loss (mean over elements) and its diagnostics; all inputs [N]."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        info = {
+            "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "ratio_mean": ratio.mean(),
+            "logprob_mismatch": (log_prob - old_log_prob).abs().max(),
+        }
+    return loss, info
+
+
+class DDPOLearner:
+    """Owns the trainable LoRA, its optimizer and the per-prompt advantage tracker."""
+
+    def __init__(self, cfg: RunConfig, device: str = "cpu"):
+        self.cfg = cfg
+        pipe = load_pipeline(cfg.model)
+        attach_lora(pipe.unet, cfg.lora)
+        pipe.unet.to(device)
+        pipe.text_encoder.to(device)
+        self.parts = DiffusionParts.from_pipeline(pipe)
+        self.uncond = Conditioner(self.parts).empty
+        self.params = [p for n, p in self.parts.unet.named_parameters() if "lora_" in n]
+        a = cfg.algorithm
+        self.optimizer = torch.optim.AdamW(self.params, lr=a.learning_rate, betas=a.adam_betas, weight_decay=a.weight_decay)
+        self.tracker = PerPromptStatTracker(a.stat_tracking.buffer_size, a.stat_tracking.min_count)
+        self.version = 0
+        self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)
+
+    # ------------------------------------------------------------------ weights
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(policy version, LoRA state) to broadcast to the samplers."""
+        return self.version, lora_state(self.parts.unet)
+
+    def checksum(self) -> str:
+        return lora_checksum(lora_state(self.parts.unet))
+
+    # ---------------------------------------------------------------- advantages
+    def advantages(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-prompt normalised, clipped advantages [B] and how many prompts had zero reward spread."""
+        rewards = batch.rewards.numpy().astype(np.float64)
+        if self.cfg.algorithm.stat_tracking.per_prompt:
+            adv = self.tracker.update(batch.prompts, rewards)
+        else:
+            adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+        groups: dict[str, list[float]] = {}
+        for p, r in zip(batch.prompts, rewards):
+            groups.setdefault(p, []).append(r)
+        zero = [np.std(v) == 0 for v in groups.values() if len(v) > 1]
+        m = self.cfg.algorithm.adv_clip_max
+        adv_t = torch.from_numpy(np.clip(adv, -m, m)).float()
+        return adv_t, {"zero_std_frac": float(np.mean(zero)) if zero else 0.0}
+
+    # -------------------------------------------------------------------- update
+    def train(self, batch: TrajectoryBatch) -> dict[str, float]:
+        """Run `inner_epochs` PPO passes over a scored batch; returns the epoch's diagnostics.
+
+        `logprob_mismatch` and `ratio_mean_first` come from the first minibatch, before the
+        epoch's first optimizer step: with max_staleness 0 they must be 0 and 1 up to float error.
+        """
+        a = self.cfg.algorithm
+        s = self.cfg.sampling
+        if batch.rewards is None:
+            raise ValueError("DDPOLearner.train needs a scored batch (rewards is None)")
+        adv, info = self.advantages(batch)
+        b, t = batch.log_probs.shape
+        t_train = max(1, int(t * a.timestep_fraction))
+        unet = self.parts.unet
+        unet.train()
+        sums = {"approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "loss": 0.0}
+        n_mb = 0
+        first: dict[str, float] = {}
+        grad_norms = []
+        for _ in range(a.inner_epochs):
+            perm = torch.randperm(b, generator=self.rng)
+            steps = torch.stack([torch.randperm(t, generator=self.rng)[:t_train] for _ in range(b)])  # [B, T']
+            pending = 0
+            for start in range(0, b, a.minibatch_size):
+                idx = perm[start : start + a.minibatch_size]
+                mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
+                if not first:
+                    first = {"logprob_mismatch": mb_info["logprob_mismatch"], "ratio_mean_first": mb_info["ratio_mean"]}
+                for k in sums:
+                    sums[k] += mb_info[k]
+                n_mb += 1
+                pending += 1
+                if pending == a.gradient_accumulation:
+                    grad_norms.append(self._step())
+                    pending = 0
+            if pending:
+                grad_norms.append(self._step())
+        unet.eval()
+        self.version += 1
+        out = {k: v / max(n_mb, 1) for k, v in sums.items()}
+        out.update(first)
+        out.update(info)
+        out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        out["policy_version"] = self.version
+        return out
+
+    def _minibatch_backward(
+        self, batch: TrajectoryBatch, adv: torch.Tensor, idx: torch.Tensor, steps: torch.Tensor
+    ) -> dict[str, float]:
+        a = self.cfg.algorithm
+        m, t_train = steps.shape
+        chunk = a.timestep_chunk or t_train
+        total = m * t_train
+        acc = {"approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "loss": 0.0, "logprob_mismatch": 0.0}
+        for c0 in range(0, t_train, chunk):
+            j = steps[:, c0 : c0 + chunk]  # [m, c]
+            c = j.shape[1]
+            rows = idx.unsqueeze(1).expand(-1, c)
+            lat = batch.latents[rows, j].flatten(0, 1)
+            nxt = batch.latents[rows, j + 1].flatten(0, 1)
+            ts = batch.timesteps[j].flatten()
+            scale = batch.guidance[rows, j].flatten()
+            cond = batch.cond[idx].repeat_interleave(c, dim=0)
+            old = batch.log_probs[rows, j].flatten()
+            lp = recompute_logprobs(
+                self.parts, lat, nxt, ts, cond, self.uncond, scale, self.cfg.sampling.num_steps, self.cfg.sampling.eta
+            )
+            a_rep = adv[idx].repeat_interleave(c).to(lp.device)
+            loss, info = ppo_loss(lp, old.to(lp.device), a_rep, a.clip_range)
+            weight = (m * c) / total
+            (loss * weight / a.gradient_accumulation).backward()
+            acc["loss"] += float(loss) * weight
+            for k in ("approx_kl", "clipfrac", "ratio_mean"):
+                acc[k] += float(info[k]) * weight
+            acc["logprob_mismatch"] = max(acc["logprob_mismatch"], float(info["logprob_mismatch"]))
+        return acc
+
+    def _step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.algorithm.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "optimizer": self.optimizer.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
+        load_lora_state(self.parts.unet, lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.rng.set_state(state["rng"])
+        self.version = int(state["version"])
