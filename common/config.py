@@ -176,6 +176,7 @@ class ClusterConfig(_Strict):
     local_num_cpus: int | None = Field(
         None, description="Logical CPUs of a locally started Ray (null: the machine's count)."
     )
+    local_dashboard: bool = Field(True, description="Start the Ray dashboard with a locally started Ray.")
 
 
 class ReplayConfig(_Strict):

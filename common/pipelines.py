@@ -120,7 +120,12 @@ def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
     """Load the pipeline of `cfg` with a DDIM scheduler, frozen, in eval mode, on the CPU."""
     source = resolve_model_path(cfg)
     import diffusers
+    import transformers
 
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     # diffusers renamed torch_dtype to dtype in 0.36; keep both working.
     new_api = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 36)
     dtype_kw = {"dtype" if new_api else "torch_dtype": _DTYPES[cfg.dtype]}

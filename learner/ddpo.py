@@ -152,7 +152,7 @@ class DDPOLearner:
             loss, info = ppo_loss(lp, old.to(lp.device), a_rep, a.clip_range)
             weight = (m * c) / total
             (loss * weight / a.gradient_accumulation).backward()
-            acc["loss"] += float(loss) * weight
+            acc["loss"] += float(loss.detach()) * weight
             for k in ("approx_kl", "clipfrac", "ratio_mean"):
                 acc[k] += float(info[k]) * weight
             acc["logprob_mismatch"] = max(acc["logprob_mismatch"], float(info["logprob_mismatch"]))

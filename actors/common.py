@@ -1,0 +1,19 @@
+"""Shared set-up of every actor process: torch threads and the device."""
+
+from __future__ import annotations
+
+import os
+
+from common.config import ActorResources
+
+
+def setup_actor(resources: ActorResources) -> str:
+    """Set torch's thread count (Ray's fractional CPUs don't limit it) and return the device to use."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("OMP_NUM_THREADS", str(resources.torch_threads))
+    torch.set_num_threads(resources.torch_threads)
+    return "cuda" if resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"

@@ -1,0 +1,62 @@
+"""RewardActor: scores rollouts in batches and pushes them to the scored queue."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.common import setup_actor
+from common.config import RunConfig
+from common.trajectory import TrajectoryBatch
+from rewards.combined import WeightedReward
+
+
+class RewardActor:
+    """Thin Ray wrapper over WeightedReward (create with `ray.remote(RewardActor).options(...)`)."""
+
+    def __init__(self, cfg: RunConfig, index: int):
+        setup_actor(cfg.cluster.reward)
+        self.index = index
+        self.cfg = cfg
+        self.reward = WeightedReward(cfg.reward)
+
+    def ready(self) -> int:
+        return self.index
+
+    def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
+        big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]
+        total = self.score_eval(big)
+        out, start = [], 0
+        for b in batches:
+            b.rewards = total[start : start + len(b)].clone()
+            start += len(b)
+            out.append(b)
+        return out
+
+    def score_items(self, rollout_queue, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
+        """Take `num_items` rollout batches from `rollout_queue`, score them,
+        push each to `scored_queue`, acknowledge them."""
+        t_busy = 0.0
+        done = samples = 0
+        while done < num_items:
+            got = rollout_queue.get(num_items - done, timeout)
+            if not got:
+                raise TimeoutError(f"reward actor {self.index}: no rollouts arrived within {timeout:.0f} s")
+            t0 = time.perf_counter()
+            batches = ray.get([item[0] for _, item in got])
+            for b in self._score(batches):
+                scored_queue.put([ray.put(b)])
+                samples += len(b)
+            rollout_queue.ack([e for e, _ in got])
+            t_busy += time.perf_counter() - t0
+            done += len(got)
+        return {"items": done, "samples": samples, "time_reward": t_busy}
+
+    def score_eval(self, batch: TrajectoryBatch) -> torch.Tensor:
+        """Rewards [B], computed in calls of at most reward.batch_size images."""
+        bs = self.cfg.reward.batch_size
+        images = batch.images_float()
+        parts = [self.reward(images[i : i + bs], batch.prompts[i : i + bs])[0] for i in range(0, len(batch), bs)]
+        return torch.cat(parts)

@@ -1,0 +1,80 @@
+"""LearnerActor: owns the DDPO learner, pulls scored rollouts, publishes LoRA weights."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from actors.common import setup_actor
+from common.config import RunConfig
+from common.trajectory import TrajectoryBatch
+from learner.ddpo import DDPOLearner
+
+
+def split_stale(batches: list[TrajectoryBatch], version: int, max_staleness: int):
+    """(fresh batches, number of stale samples): a batch is stale if made more than
+    `max_staleness` policy versions before `version`."""
+    fresh = [b for b in batches if version - b.policy_version <= max_staleness]
+    dropped = sum(len(b) for b in batches if version - b.policy_version > max_staleness)
+    return fresh, dropped
+
+
+class LearnerActor:
+    """Thin Ray wrapper over DDPOLearner (create with `ray.remote(LearnerActor).options(...)`)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.learner = DDPOLearner(cfg, device=setup_actor(cfg.cluster.learner))
+
+    def publish(self) -> tuple[int, list, str]:
+        """One ray.put of the current LoRA state: (version, [ObjectRef], checksum)."""
+        version, state = self.learner.weights()
+        return version, [ray.put(state)], self.learner.checksum()
+
+    def lora_state(self):
+        return self.learner.weights()[1]
+
+    def train_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
+        """Take `num_items` scored batches, drop stale ones, run the DDPO update on the rest."""
+        got: list = []
+        while len(got) < num_items:
+            part = scored_queue.get(num_items - len(got), timeout)
+            if not part:
+                raise TimeoutError(f"learner: no scored rollouts arrived within {timeout:.0f} s")
+            got += part
+        t0 = time.perf_counter()
+        batches = ray.get([item[0] for _, item in got])
+        fresh, dropped = split_stale(batches, self.learner.version, self.cfg.replay.max_staleness)
+        versions = [b.policy_version for b in batches]
+        if fresh:
+            metrics = self.learner.train(TrajectoryBatch.concat(fresh))
+            rewards = TrajectoryBatch.concat(fresh).rewards
+        else:
+            metrics, rewards = {"policy_version": self.learner.version}, None
+        scored_queue.ack([e for e, _ in got])
+        all_rewards = TrajectoryBatch.concat(batches).rewards
+        metrics.update(
+            dropped_stale=dropped,
+            trained_samples=0 if rewards is None else len(rewards),
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std(unbiased=False)),
+            staleness_max=max(self.learner.version - 1 - v for v in versions) if fresh else 0,
+            time_learn=time.perf_counter() - t0,
+        )
+        return metrics
+
+    def checkpoint_state(self) -> dict:
+        """Everything a checkpoint needs: LoRA (peft keys and adapter metadata), optimizer, tracker, RNG."""
+        from peft.utils import get_peft_model_state_dict
+
+        unet = self.learner.parts.unet
+        meta = unet.peft_config["default"].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        peft_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        return {"peft_state": peft_state, "lora_meta": meta, "lora": self.learner.weights()[1],
+                "learner": self.learner.state_dict()}  # fmt: skip
+
+    def restore(self, learner_state: dict, lora: dict) -> str:
+        self.learner.load_state_dict(learner_state, lora)
+        return self.learner.checksum()

@@ -1,0 +1,139 @@
+"""Command line: `python -m learner.main [--config NAME_OR_PATH] [--set key=value ...] [--output DIR | --resume DIR]`.
+
+Connects to an existing Ray cluster when RAY_ADDRESS (or cluster.address) is
+set, so `ray job submit -- python -m learner.main` works; starts a local Ray
+otherwise. Every input is checked before any actor starts; a bad one ends the
+run with one line naming it and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from common.config import ConfigError, RunConfig, load_config, preset_names, read_config_source, validate_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m learner.main",
+        description="DDPO reward fine-tuning with DiffExp exploration on Ray.",
+        epilog=f"presets: {', '.join(preset_names())}. Example: python -m learner.main --config tiny "
+        "--set train.epochs=5 --set exploration.enabled=false",
+    )
+    p.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set algorithm.learning_rate=1e-3 (repeatable)")  # fmt: skip
+    p.add_argument("--output", help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
+    """The validated config, the run directory, and whether this resumes."""
+    if args.resume:
+        run_path = Path(args.resume)
+        if not (run_path / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_path}: no config.yaml there; give the directory of an earlier run")
+        from common.config import apply_override
+
+        data = read_config_source(str(run_path / "config.yaml"))
+        for o in args.overrides:
+            apply_override(data, o)
+        cfg = validate_config(data)
+        return cfg, run_path, True
+    cfg = load_config(args.config, args.overrides)
+    out = args.output or cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg, Path(out), False
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check names, files and the model before any actor starts (raises with a one-line message)."""
+    from common.pipelines import resolve_model_path
+    from common.prompts import load_prompts
+    from rewards import reward_names
+
+    load_prompts(cfg.prompts.train)
+    if cfg.prompts.eval:
+        load_prompts(cfg.prompts.eval)
+    for term in cfg.reward.terms:
+        if term.name not in reward_names():
+            raise ConfigError(f"reward.terms: unknown reward {term.name!r}; known rewards: {', '.join(reward_names())}")
+    resolve_model_path(cfg.model)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=cfg.cluster.local_dashboard,
+                 log_to_driver=True)  # fmt: skip
+
+
+def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
+    """Train `cfg` into `run_path` on the current (or a new) Ray; returns the metric rows."""
+    from learner.driver import RaySystem, Trainer
+    from learner.run_dir import RunDir
+
+    preflight(cfg)
+    init_ray(cfg)
+    run_dir = RunDir(run_path)
+    run_dir.create(cfg, resume=resume)
+    d = cfg.derived()
+    log(f"run {run_path} | model {cfg.model.pretrained} | " + " ".join(f"{k}={v}" for k, v in d.items()))
+    system = RaySystem(cfg)
+    trainer = Trainer(cfg, run_dir, system, log=log)
+    if resume and not trainer.restore():
+        log(f"{run_path}: no complete checkpoint yet; starting from epoch 0")
+    try:
+        return trainer.fit()
+    finally:
+        run_dir.close()
+
+
+def _one_line(err: BaseException) -> str:
+    cause = getattr(err, "cause", None)  # RayTaskError wraps the actor's exception
+    if isinstance(cause, BaseException):
+        err = cause
+    text = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return f"error: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.resume and args.output:
+        print("error: give either --output or --resume, not both", file=sys.stderr)
+        return 2
+    try:
+        cfg, run_path, resume = resolve_config(args)
+        run(cfg, run_path, resume)
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line, not a traceback wall
+        from common.pipelines import ModelLoadError
+        from common.prompts import PromptSetError
+        from learner.run_dir import CheckpointError
+        from rewards.combined import NonFiniteRewardError
+
+        known = (ConfigError, ModelLoadError, PromptSetError, CheckpointError, NonFiniteRewardError)
+        cause = getattr(err, "cause", None)
+        if isinstance(err, known) or isinstance(cause, known) or os.environ.get("DIFFEXP_TRACEBACK") != "1":
+            print(_one_line(err), file=sys.stderr)
+            if not isinstance(err, known) and not isinstance(cause, known):
+                print("(set DIFFEXP_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The run directory: resolved config, metrics, image grids, reward curve, atomic checkpoints.
+
+runs/<name>/
+  config.yaml            resolved config
+  metrics.jsonl          one JSON object per epoch (plus a final evaluation row)
+  events.*               TensorBoard
+  samples/epoch_N.png    evaluation image grids
+  reward_curve.png       evaluation (and training) reward vs reward queries
+  checkpoints/step_N/    LoRA (diffusers format), learner state, counters; N = epochs done
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.config import RunConfig, dump_config
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory that cannot be resumed from."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self.samples_dir = self.path / "samples"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self._tb = None
+
+    def create(self, cfg: RunConfig, resume: bool = False) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(exist_ok=True)
+        self.samples_dir.mkdir(exist_ok=True)
+        (self.path / "config.yaml").write_text(dump_config(cfg))
+        if not resume and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if cfg.output.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path))
+            except ImportError:  # pragma: no cover - tensorboard is a declared dependency
+                self._tb = None
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, row: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            step = int(row.get("reward_queries", 0))
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Keep only rows of epochs before `epochs_done` (a resumed run rewrites later ones)."""
+        rows = [r for r in self.read_metrics() if r.get("epoch", 0) < epochs_done and not r.get("final_eval")]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    # ------------------------------------------------------------------- images
+    def save_grid(self, images: torch.Tensor, name: str, nrow: int) -> Path:
+        """Save images [B, 3, H, W] in [0, 1] (or uint8) as one PNG grid under samples/."""
+        from torchvision.utils import save_image
+
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        out = self.samples_dir / f"{name}.png"
+        save_image(images, str(out), nrow=max(1, nrow), padding=1)
+        return out
+
+    def plot_reward_curve(self) -> Path | None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        ev = [(r["eval_reward_queries"], r["eval_reward_mean"], r["eval_reward_std"]) for r in rows if "eval_reward_mean" in r]
+        tr = [(r["reward_queries"], r["reward_mean"]) for r in rows if "reward_mean" in r]
+        if not ev and not tr:
+            return None
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        if ev:
+            x, y, s = zip(*ev)
+            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label="evaluation (plain prompts, constant CFG)")
+        if tr:
+            x, y = zip(*tr)
+            ax.plot(x, y, alpha=0.6, label="training rollouts (with exploration)")
+        ax.set_xlabel("reward queries (training images scored)")
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = self.path / "reward_curve.png"
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, epochs_done: int, state: dict, counters: dict) -> Path:
+        """Write checkpoints/step_N atomically: everything goes to a temporary folder that is renamed last."""
+        from diffusers import StableDiffusionPipeline
+
+        final = self.ckpt_dir / f"step_{epochs_done}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{epochs_done}-", dir=self.ckpt_dir))
+        try:
+            StableDiffusionPipeline.save_lora_weights(
+                str(tmp), unet_lora_layers=state["peft_state"], safe_serialization=True,
+                unet_lora_adapter_metadata=state["lora_meta"],
+            )  # fmt: skip
+            save_file(state["lora"], str(tmp / "lora_state.safetensors"))
+            torch.save(state["learner"], tmp / "learner_state.pt")
+            (tmp / "counters.json").write_text(json.dumps(counters, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.ckpt_dir.is_dir():
+            return None
+        steps = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+        return max(steps)[1] if steps else None
+
+    def load_checkpoint(self, path: Path) -> tuple[dict, dict, dict]:
+        """(lora state, learner state, counters) of a complete checkpoint."""
+        try:
+            lora = load_file(str(path / "lora_state.safetensors"))
+            learner = torch.load(path / "learner_state.pt", weights_only=True)
+            counters = json.loads((path / "counters.json").read_text())
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path}: unreadable ({err.__class__.__name__}: {err})") from None
+        return lora, learner, counters
