@@ -1,0 +1,64 @@
+import pytest
+
+from common.config import ConfigError, dump_config, load_config, preset_names, validate_config
+
+
+def test_tiny_is_a_preset_and_valid():
+    assert "tiny" in preset_names()
+    cfg = load_config("tiny")
+    assert cfg.model.pretrained == "tiny"
+    assert cfg.sampling.eta > 0
+    # the resolved config round-trips through its YAML dump
+    import yaml
+
+    assert validate_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("tiny", ["train.epochs=3", "exploration.enabled=false", "lora.target_modules=[to_q]"])
+    assert cfg.train.epochs == 3 and cfg.exploration.enabled is False and cfg.lora.target_modules == ["to_q"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sampling.eta=0", "config field sampling.eta: Input should be greater than 0 (got 0)"),
+        ("exploration.cfg_schedule.low=9", "config field exploration.cfg_schedule: high must be >= low (got 5.0 < 9.0)"),
+        ("exploration.cfg_schedule.kind=zigzag", "config field exploration.cfg_schedule.kind"),
+        ("train.samples_per_epoch=10", "train.samples_per_epoch (10) must be a multiple of algorithm.minibatch_size (8)"),
+        ("sampling.stpes=3", "config field sampling.stpes: unknown field"),
+    ],
+)
+def test_invalid_values_give_one_line_naming_the_field(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    msg = str(err.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="no such preset or file; presets: .*tiny"):
+        load_config("nope")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config("tiny", ["train.epochs"])
+
+
+def test_every_field_has_a_description():
+    from pydantic import BaseModel
+
+    from common.config import RunConfig
+
+    def walk(model: type[BaseModel], prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from walk(ann, prefix + name + ".")
+            else:
+                yield prefix + name, field.description
+
+    missing = [n for n, d in walk(RunConfig) if not d]
+    assert missing == []

@@ -1,0 +1,49 @@
+import pickle
+
+import pytest
+import torch
+
+from common.trajectory import TrajectoryBatch
+
+
+def make_batch(b=3, t=4, version=2, rewards=True):
+    g = torch.Generator().manual_seed(0)
+    return TrajectoryBatch(
+        prompts=[f"a cat {i}" for i in range(b)], plans=[{"seed": i, "picks": [["cat", 1.2]]} for i in range(b)],
+        latents=torch.randn(b, t + 1, 4, 8, 8, generator=g), log_probs=torch.randn(b, t, generator=g),
+        timesteps=torch.arange(t, 0, -1) * 10, guidance=torch.rand(b, t, generator=g) * 5,
+        cond=torch.randn(b, 6, 16, generator=g), images=torch.randint(0, 255, (b, 3, 16, 16), generator=g, dtype=torch.uint8),
+        policy_version=version, rewards=torch.randn(b, generator=g) if rewards else None,
+    ).validate()  # fmt: skip
+
+
+def test_bytes_round_trip_exactly():
+    b = make_batch()
+    back = TrajectoryBatch.from_bytes(b.to_bytes())
+    for k in ("latents", "log_probs", "timesteps", "guidance", "cond", "images", "rewards"):
+        assert torch.equal(getattr(b, k), getattr(back, k)), k
+    assert (back.prompts, back.plans, back.policy_version, back.batch_id) == (b.prompts, b.plans, 2, b.batch_id)
+    unscored = make_batch(rewards=False)
+    assert TrajectoryBatch.from_bytes(unscored.to_bytes()).rewards is None
+
+
+def test_untrusted_bytes_never_reach_pickle(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(1))
+    payload = pickle.dumps({"latents": 1})
+    for bad in (payload, b"", b"\x00" * 8, b"\xff" * 16, make_batch().to_bytes()[:-10]):
+        with pytest.raises(ValueError, match="trajectory bytes"):
+            TrajectoryBatch.from_bytes(bad)
+    assert calls == []
+
+
+def test_validate_names_the_bad_field():
+    b = make_batch()
+    b.log_probs = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="log_probs"):
+        b.validate()
+
+
+def test_concat_keeps_the_oldest_version():
+    c = TrajectoryBatch.concat([make_batch(version=3), make_batch(b=2, version=1)])
+    assert len(c) == 5 and c.policy_version == 1 and c.latents.shape[0] == 5
