@@ -45,6 +45,8 @@ class LearnerActor:
             got += part
         t0 = time.perf_counter()
         batches = ray.get([item[0] for _, item in got])
+        # arrival order depends on which sampler finished first; train in seed order so runs are reproducible
+        batches.sort(key=lambda b: (b.plans[0]["seed"], b.batch_id))
         fresh, dropped = split_stale(batches, self.learner.version, self.cfg.replay.max_staleness)
         versions = [b.policy_version for b in batches]
         if fresh:

@@ -57,6 +57,11 @@ class RaySystem:
         self.learner = ray.remote(LearnerActor).options(**_opts(c.learner)).remote(cfg)
         ray.get([a.ready.remote() for a in self.samplers + self.rewarders] + [self.learner.publish.remote()])
 
+    def shutdown(self) -> None:
+        """Stop every actor of this run (the Ray cluster itself stays up)."""
+        for a in self.samplers + self.rewarders + [self.learner, self.rollout_q.actor, self.scored_q.actor]:
+            ray.kill(a)
+
     def sync_weights(self) -> tuple[int, str]:
         """Broadcast the learner's LoRA (one ray.put) and verify every sampler's version and checksum."""
         version, (ref,), checksum = ray.get(self.learner.publish.remote())
@@ -199,10 +204,10 @@ class Trainer:
             }
             rows.append(row)
             self.run.log(row)
-            self.log(self._progress(row))
             every = cfg.train.checkpoint_every
             if (every and self.epoch % every == 0) or self.epoch == cfg.train.epochs:
                 self.checkpoint()
+            self.log(self._progress(row))
             if cfg.output.grid_every and self.epoch % cfg.output.grid_every == 0:
                 self.run.plot_reward_curve()
         if cfg.eval.every > 0:

@@ -97,6 +97,7 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
         return trainer.fit()
     finally:
         run_dir.close()
+        system.shutdown()
 
 
 def _one_line(err: BaseException) -> str:

@@ -28,7 +28,8 @@ def tiny_cfg():
     from common.config import load_config
 
     return load_config("tiny", ["sampling.num_steps=6", "train.samples_per_epoch=8", "algorithm.minibatch_size=4",
-                                "algorithm.gradient_accumulation=2", "cluster.local_dashboard=false"])  # fmt: skip
+                                "algorithm.gradient_accumulation=2", "cluster.local_dashboard=false",
+                                "cluster.learner.torch_threads=1"])  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,10 @@ def ray_session():
     """One local Ray per test session (starting Ray and its workers costs seconds each)."""
     import ray
 
+    # workers must import test modules too (actor classes defined in tests)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
