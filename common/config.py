@@ -86,7 +86,7 @@ class CfgScheduleConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _order(self) -> "CfgScheduleConfig":
+    def _order(self) -> CfgScheduleConfig:
         if self.high < self.low:
             raise ValueError(f"high must be >= low (got {self.high} < {self.low})")
         return self
@@ -102,7 +102,7 @@ class PromptWeightingConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _order(self) -> "PromptWeightingConfig":
+    def _order(self) -> PromptWeightingConfig:
         if self.high < self.low:
             raise ValueError(f"high must be >= low (got {self.high} < {self.low})")
         return self
@@ -224,7 +224,7 @@ class RunConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RunConfig":
+    def _cross_checks(self) -> RunConfig:
         per_step = self.algorithm.minibatch_size * self.algorithm.gradient_accumulation
         if self.train.samples_per_epoch % self.algorithm.minibatch_size:
             raise ValueError(

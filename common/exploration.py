@@ -29,7 +29,7 @@ def schedule_values(kind: str, low: float, high: float, switch: float, num_steps
     if kind == "constant":
         return np.full(num_steps, high, dtype=np.float64)
     if kind == "step":
-        n_low = int(round(switch * num_steps))
+        n_low = round(switch * num_steps)
         return np.where(np.arange(num_steps) < n_low, low, high).astype(np.float64)
     if kind == "linear":
         return low + (high - low) * s
@@ -58,8 +58,7 @@ def constant_guidance(scale: float, num_steps: int) -> np.ndarray:
 _EXPLICIT = re.compile(r"\(([^():]+):\s*([0-9]*\.?[0-9]+)\s*\)")
 _TOKEN = re.compile(r"\s+|[A-Za-z0-9']+|[^A-Za-z0-9'\s]+")
 STOPWORDS = frozenset(
-    "a an the of to in on at by for with and or from into onto over under above below left right next "
-    "is are was be this that these those it its as near behind beside between very".split()
+    ["a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with", "and", "or", "from", "into", "onto", "over", "under", "above", "below", "left", "right", "next", "is", "are", "was", "be", "this", "that", "these", "those", "it", "its", "as", "near", "behind", "beside", "between", "very"]
 )
 
 

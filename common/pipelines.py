@@ -156,7 +156,7 @@ class DiffusionParts:
     scheduler: DDIMScheduler
 
     @classmethod
-    def from_pipeline(cls, pipe: StableDiffusionPipeline) -> "DiffusionParts":
+    def from_pipeline(cls, pipe: StableDiffusionPipeline) -> DiffusionParts:
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
 
     @property

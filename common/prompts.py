@@ -7,8 +7,8 @@ skipped).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _DIR = Path(__file__).parent / "prompt_sets"
 

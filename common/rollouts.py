@@ -11,7 +11,14 @@ import torch
 
 from common.config import RunConfig
 from common.exploration import plan_rollout
-from common.pipelines import DiffusionParts, attach_lora, load_lora_state, load_pipeline, lora_checksum, lora_state
+from common.pipelines import (
+    DiffusionParts,
+    attach_lora,
+    load_lora_state,
+    load_pipeline,
+    lora_checksum,
+    lora_state,
+)
 from common.sampling import Conditioner, sample_rollout
 from common.trajectory import TrajectoryBatch
 
@@ -63,6 +70,6 @@ class RolloutGenerator:
                     prompts=list(ps), plans=[p.to_json() for p in plans], latents=roll.latents,
                     log_probs=roll.log_probs, timesteps=roll.timesteps, guidance=guidance, cond=cond,
                     images=(images * 255).round().to(torch.uint8), policy_version=self.version, evaluation=not explore,
-                )  # fmt: skip
+                )
             )
         return TrajectoryBatch.concat(out) if len(out) > 1 else out[0]

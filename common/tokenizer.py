@@ -48,7 +48,8 @@ def write_clip_tokenizer_files(save_dir: str | Path) -> Path:
     """Write vocab.json and merges.txt for a CLIPTokenizer into `save_dir`."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(_bpe_merges_path()).read().decode("utf-8").split("\n")
+    with gzip.open(_bpe_merges_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 1 + _NUM_MERGES]
     alphabet = _byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]

@@ -46,7 +46,7 @@ class TrajectoryBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def validate(self) -> "TrajectoryBatch":
+    def validate(self) -> TrajectoryBatch:
         """Check shapes and dtypes agree; raise ValueError naming the field otherwise."""
         b = len(self.prompts)
         t = self.timesteps.shape[0]
@@ -82,7 +82,7 @@ class TrajectoryBatch:
         return st_save(tensors, metadata={"trajectory": json.dumps(meta)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TrajectoryBatch":
+    def from_bytes(cls, data: bytes) -> TrajectoryBatch:
         """Parse bytes written by `to_bytes`; raise ValueError on anything malformed."""
         if len(data) < 8:
             raise ValueError("trajectory bytes: too short to hold a safetensors header")
@@ -93,7 +93,7 @@ class TrajectoryBatch:
             header = json.loads(data[8 : 8 + n])
             meta = json.loads(header["__metadata__"]["trajectory"])
             tensors = st_load(data)
-        except (KeyError, TypeError, json.JSONDecodeError, Exception) as err:
+        except Exception as err:  # noqa: BLE001 - any parse failure of untrusted bytes is the same error
             raise ValueError(f"trajectory bytes: malformed ({err.__class__.__name__}: {err})") from None
         missing = [k for k in _TENSORS if k != "rewards" and k not in tensors]
         if missing:
@@ -108,7 +108,7 @@ class TrajectoryBatch:
         ).validate()
 
     @staticmethod
-    def concat(batches: list["TrajectoryBatch"]) -> "TrajectoryBatch":
+    def concat(batches: list[TrajectoryBatch]) -> TrajectoryBatch:
         """One batch of all samples (same T and shapes); policy_version is the oldest one."""
         def cat(name):
             xs = [getattr(b, name) for b in batches]

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.pipelines import DiffusionParts, attach_lora, load_lora_state, load_pipeline, lora_checksum, lora_state
+from common.pipelines import (
+    DiffusionParts,
+    attach_lora,
+    load_lora_state,
+    load_pipeline,
+    lora_checksum,
+    lora_state,
+)
 from common.sampling import Conditioner, recompute_logprobs
 from common.trajectory import TrajectoryBatch
 from learner.stat_tracker import PerPromptStatTracker
@@ -88,7 +95,6 @@ class DDPOLearner:
         epoch's first optimizer step: with max_staleness 0 they must be 0 and 1 up to float error.
         """
         a = self.cfg.algorithm
-        s = self.cfg.sampling
         if batch.rewards is None:
             raise ValueError("DDPOLearner.train needs a scored batch (rewards is None)")
         adv, info = self.advantages(batch)

@@ -14,7 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig, load_config, preset_names, read_config_source, validate_config
+from common.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    preset_names,
+    read_config_source,
+    validate_config,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ constructor that takes keyword options, and
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 

@@ -5,7 +5,13 @@ from diffusers import DDIMScheduler
 
 from common.exploration import plan_rollout
 from common.pipelines import DiffusionParts
-from common.sampling import Conditioner, ddim_step_with_logprob, ddim_timesteps, recompute_logprobs, sample_rollout
+from common.sampling import (
+    Conditioner,
+    ddim_step_with_logprob,
+    ddim_timesteps,
+    recompute_logprobs,
+    sample_rollout,
+)
 
 
 def _sched():
