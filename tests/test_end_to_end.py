@@ -64,4 +64,23 @@ def test_resume_matches_an_uninterrupted_run(ray_session, tmp_path, tiny_cfg):
     for k in lora_a:
         torch.testing.assert_close(lora_a[k], lora_b[k], atol=1e-6, rtol=1e-5)
     assert [r["epoch"] for r in b.read_metrics()] == [0, 1, 2, 3]
+    _check_diffusers_lora_loads(cfg, a.latest_checkpoint(), lora_a)
     assert [r["reward_mean"] for r in b.read_metrics()] == pytest.approx([r["reward_mean"] for r in a.read_metrics()])
+
+
+def _check_diffusers_lora_loads(cfg, ckpt, lora):
+    """The checkpoint's LoRA in diffusers format gives the learner's UNet: pipe.load_lora_weights(dir)."""
+    from common.pipelines import attach_lora, load_lora_state, load_pipeline
+
+    ours = load_pipeline(cfg.model)
+    attach_lora(ours.unet, cfg.lora)
+    load_lora_state(ours.unet, lora)
+    theirs = load_pipeline(cfg.model)
+    theirs.load_lora_weights(str(ckpt))
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, 64, generator=g)
+    with torch.no_grad():
+        base = load_pipeline(cfg.model).unet(x, 500, emb).sample
+        a, b = ours.unet(x, 500, emb).sample, theirs.unet(x, 500, emb).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - base).abs().max() > 1e-4  # the LoRA is really there
