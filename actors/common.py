@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from common.config import ActorResources
 
 
@@ -14,6 +12,5 @@ def setup_actor(resources: ActorResources) -> str:
     import torch
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("OMP_NUM_THREADS", str(resources.torch_threads))
     torch.set_num_threads(resources.torch_threads)
     return "cuda" if resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"

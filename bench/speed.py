@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as learner.main does
 
 REFERENCE = [  # ddpo-pytorch measured on this machine: 6.2 s/epoch, 2.6 samples/s
     "lora.rank=4", "lora.alpha=4", "lora.target_modules=[to_q,to_k,to_v,to_out.0]", "algorithm.learning_rate=3e-4",

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see learner/driver.py
+
 from common.config import (
     ConfigError,
     RunConfig,

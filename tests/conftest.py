@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 os.environ.setdefault("DIFFEXP_CACHE", tempfile.mkdtemp(prefix="diffexp-test-cache-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.pop("RAY_ADDRESS", None)
@@ -19,7 +20,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def _torch_threads():
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
