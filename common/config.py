@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -53,7 +53,16 @@ class PromptsConfig(_Strict):
     train: str = Field(
         "tiny_animals", description="Training prompts: a named prompt set or a path to a text file (one per line)."
     )
-    eval: str | None = Field(None, description="Evaluation prompts, same forms; null means the training prompts.")
+    eval: list[str] | None = Field(
+        None,
+        description="Evaluation prompt sources (names or files), each evaluated and logged separately; the "
+        "first is the headline eval_reward_*. Null means the training prompts.",
+    )
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class SamplingConfig(_Strict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -110,9 +111,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run: RunDir, system: RaySystem, log=print):
         self.cfg, self.run, self.sys, self.log = cfg, run, system, log
         self.train_prompts = load_prompts(cfg.prompts.train)
-        eval_prompts = load_prompts(cfg.prompts.eval) if cfg.prompts.eval else self.train_prompts
-        self.eval_prompts = [p for p in eval_prompts[: cfg.eval.max_prompts] for _ in range(cfg.eval.images_per_prompt)]
-        self.eval_seeds = sample_seeds(cfg.eval.seed, -1, len(self.eval_prompts))
+        sources = cfg.prompts.eval or [cfg.prompts.train]
+        self.eval_sets = []  # (name, prompts repeated images_per_prompt times, fixed seeds)
+        for src in sources:
+            ps = [p for p in load_prompts(src)[: cfg.eval.max_prompts] for _ in range(cfg.eval.images_per_prompt)]
+            self.eval_sets.append((Path(src).stem, ps, sample_seeds(cfg.eval.seed, -1, len(ps))))
         self.epoch = 0
         self.reward_queries = 0
 
@@ -123,13 +126,20 @@ class Trainer:
     def _evaluate(self, tag: str) -> dict:
         import torch
 
-        batches, scores = self.sys.evaluate(self.eval_prompts, self.eval_seeds)
-        r = torch.cat(scores)
-        if self.cfg.output.grid_every:
-            images = torch.cat([b.images for b in batches])
-            self.run.save_grid(images, tag, nrow=self.cfg.eval.images_per_prompt * 4)
-        return {"eval_reward_mean": float(r.mean()), "eval_reward_std": float(r.std(unbiased=False)),
-                "eval_reward_queries": self.reward_queries}  # fmt: skip
+        row: dict = {"eval_reward_queries": self.reward_queries}
+        for i, (name, prompts, seeds) in enumerate(self.eval_sets):
+            batches, scores = self.sys.evaluate(prompts, seeds)
+            r = torch.cat(scores)
+            mean, std = float(r.mean()), float(r.std(unbiased=False))
+            if i == 0:
+                row.update(eval_reward_mean=mean, eval_reward_std=std)
+            if len(self.eval_sets) > 1:
+                row.update({f"eval_{name}_reward_mean": mean, f"eval_{name}_reward_std": std})
+            if self.cfg.output.grid_every:
+                images = torch.cat([b.images for b in batches])
+                suffix = f"_{name}" if len(self.eval_sets) > 1 else ""
+                self.run.save_grid(images, tag + suffix, nrow=self.cfg.eval.images_per_prompt * 4)
+        return row
 
     def _eval_due(self, epoch: int) -> bool:
         return self.cfg.eval.every > 0 and epoch % self.cfg.eval.every == 0

@@ -66,8 +66,8 @@ def preflight(cfg: RunConfig) -> None:
     from rewards import reward_names
 
     load_prompts(cfg.prompts.train)
-    if cfg.prompts.eval:
-        load_prompts(cfg.prompts.eval)
+    for source in cfg.prompts.eval or []:
+        load_prompts(source)
     for term in cfg.reward.terms:
         if term.name not in reward_names():
             raise ConfigError(f"reward.terms: unknown reward {term.name!r}; known rewards: {', '.join(reward_names())}")

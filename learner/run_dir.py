@@ -96,14 +96,20 @@ class RunDir:
         import matplotlib.pyplot as plt
 
         rows = self.read_metrics()
-        ev = [(r["eval_reward_queries"], r["eval_reward_mean"], r["eval_reward_std"]) for r in rows if "eval_reward_mean" in r]
+        sets = sorted({k[5:-12] for r in rows for k in r if k.startswith("eval_") and k.endswith("_reward_mean")})
+        sets = [s for s in sets if s != "reward"] or ["reward"]  # per-set curves when several sets are evaluated
         tr = [(r["reward_queries"], r["reward_mean"]) for r in rows if "reward_mean" in r]
-        if not ev and not tr:
+        if not tr and not any("eval_reward_mean" in r for r in rows):
             return None
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        if ev:
+        for name in sets:
+            key = "eval_reward" if name == "reward" else f"eval_{name}_reward"
+            ev = [(r["eval_reward_queries"], r[key + "_mean"], r[key + "_std"]) for r in rows if key + "_mean" in r]
+            if not ev:
+                continue
             x, y, s = zip(*ev)
-            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label="evaluation (plain prompts, constant CFG)")
+            label = "evaluation" if name == "reward" else f"evaluation: {name}"
+            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label=label + " (plain prompts, constant CFG)")
         if tr:
             x, y = zip(*tr)
             ax.plot(x, y, alpha=0.6, label="training rollouts (with exploration)")

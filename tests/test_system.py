@@ -43,7 +43,8 @@ def _checked_syncs(system, record):
 
 def test_on_policy_invariant_through_the_distributed_path(ray_session, tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, "cluster.num_samplers=2", "train.epochs=3", "eval.every=2", "exploration.enabled=true",
-               "exploration.prompt_weighting.num_phrases=2", "algorithm.inner_epochs=2")  # fmt: skip
+               "exploration.prompt_weighting.num_phrases=2", "algorithm.inner_epochs=2",
+               "prompts.eval=[tiny_animals, animals]", "eval.max_prompts=2")  # fmt: skip
     system = RaySystem(cfg)
     syncs = []
     _checked_syncs(system, syncs)
@@ -63,6 +64,10 @@ def test_on_policy_invariant_through_the_distributed_path(ray_session, tiny_cfg,
     assert [r["reward_queries"] for r in epochs] == [8, 16, 24]
     assert [r["policy_version"] for r in epochs] == [1, 2, 3]
     assert "eval_reward_mean" in epochs[0] and "eval_reward_mean" in epochs[2] and rows[-1]["final_eval"]
+    assert epochs[0]["eval_reward_mean"] == epochs[0]["eval_tiny_animals_reward_mean"]
+    assert "eval_animals_reward_std" in epochs[2]
+    assert (tmp_path / "samples" / "epoch_0000_animals.png").is_file()
+    assert RunDir(tmp_path).plot_reward_curve().stat().st_size > 1000
 
 
 def test_overlapped_sampling_trains_on_one_version_old_rollouts(ray_session, tiny_cfg, tmp_path):
