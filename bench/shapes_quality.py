@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.shapes.detect import score_scenes
+from common.shapes.detect import colour_labels, score_scenes
 from common.shapes.diversity import mean_diversity, prompt_diversity
 from common.shapes.prompt_sets import SHAPES_PROMPT_SETS
 from common.shapes.scenes import (
@@ -58,6 +58,24 @@ def opposite_prompts(prompts: list[str]) -> list[str]:
         c = parse_caption(p)
         out.append(f"{c.objects[0].phrase} {OPPOSITE_RELATION[c.relation]} {c.objects[1].phrase}")
     return out
+
+
+def perpendicular_prompts(prompts: list[str], which: int) -> list[str]:
+    """The same pair captions with one (which = 0 or 1) of the two relation words on the other axis."""
+    out = []
+    for p in prompts:
+        c = parse_caption(p)
+        horizontal = c.relation in ("to the left of", "to the right of")
+        word = (("above", "below") if horizontal else ("to the left of", "to the right of"))[which]
+        out.append(f"{c.objects[0].phrase} {word} {c.objects[1].phrase}")
+    return out
+
+
+def background_chroma(images: torch.Tensor) -> float:
+    """Mean chroma (max - min channel, [0, 1] units) of the pixels that no colour claims: the colour cast of
+    the background (0 for the generator's grey)."""
+    chroma = images.amax(dim=1) - images.amin(dim=1)
+    return float(chroma[colour_labels(images) < 0].mean())
 
 
 def bench_detector(n: int, seed: int) -> dict:
@@ -138,6 +156,8 @@ def summarize(images: torch.Tensor, prompts: list[str]) -> dict:
         out["relation_ok_opposite_word"] = float(opp.relation_ok.mean())
         # Relation among samples whose two objects were both found: the check's own rate.
         both = (hard.detections[0].found * hard.detections[1].found) > 0
+        perp = [score_scenes(images, perpendicular_prompts(prompts, w)).relation_ok.mean() for w in (0, 1)]
+        out["relation_ok_perpendicular_word"] = float(sum(perp) / 2)
         out["relation_ok_given_found"] = float(hard.relation_ok[both].mean())
         out["relation_ok_opposite_given_found"] = float(opp.relation_ok[both].mean())
     return out
@@ -203,9 +223,7 @@ def main() -> None:
         row.update(
             mean_diversity([prompt_diversity(imgs[i * k : (i + 1) * k], q) for i, q in enumerate(prompts)])
         )
-        # Background tint: mean distance of the corner pixels from the training grey, in [0, 1] units.
-        corners = imgs[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
-        row["corner_tint"] = float((corners - 235 / 255).abs().mean())
+        row["background_chroma"] = background_chroma(imgs)
         table.append(row)
         save_grid(imgs[: 8 * k], k, grids / f"pairs_table_g{scale:g}.png")
         all_imgs.append(imgs)
@@ -213,6 +231,9 @@ def main() -> None:
         print(f"guidance {scale:g}:", row, flush=True)
     res["guidance_table"] = table
 
+    res["background_chroma_ground_truth"] = background_chroma(
+        torch.from_numpy(generate_scenes(64, args.seed)[0]).permute(0, 3, 1, 2).float() / 255
+    )
     imgs = torch.cat(all_imgs)
     hard = score_scenes(imgs, all_prompts).score
     soft = score_scenes(imgs, all_prompts, soft=True).score
@@ -221,14 +242,14 @@ def main() -> None:
 
     print(
         "\n| guidance | mean reward | full success | relation ok | position spread (px) | size spread (px) "
-        "| pixel distance | corner tint |"
+        "| pixel distance | background chroma |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
         print(
             f"| {r['guidance']:g} | {r['mean_reward']:.3f} | {r['full_success']:.3f} | {r['relation_ok']:.3f} | "
             f"{r['position_spread']:.2f} | {r['size_spread']:.2f} | {r['pixel_distance']:.3f} | "
-            f"{r['corner_tint']:.3f} |"
+            f"{r['background_chroma']:.3f} |"
         )
     res["seconds"] = time.time() - t0
     print(f"\ndone in {res['seconds']:.0f} s; grids in {grids}")
