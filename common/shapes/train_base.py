@@ -181,6 +181,12 @@ def train_vae(args, images: torch.Tensor, t0: float, budget_s: float):
     if total is None:
         total, per = _steps_for(budget_s, step)
         _log(f"vae: {per:.2f} s/step -> {total} steps in {budget_s / 60:.1f} min", t0)
+        # The timing steps trained the VAE; restart from fresh weights so the run is defined by `total`.
+        # (The shipped model's VAE predates this reset: it also had the 9 timing steps.)
+        torch.manual_seed(args.seed)
+        vae.load_state_dict(build_models(49408, 49407)[0].state_dict())
+        opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        gen.manual_seed(args.seed + 1)
     ema_loss, t_last = None, time.time()
     for i in range(total):
         loss = step(i, total)
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"data: {len(captions)} scenes ({n_pairs} pairs), {len(set(captions))} distinct captions", t0)
 
     vae_dir = work / "vae"
-    meta: dict = {k: v for k, v in vars(args).items() if k not in ("out", "work", "reuse_vae")}
+    meta: dict = {k: v for k, v in vars(args).items() if k not in ("out", "work", "reuse_vae", "export_from")}
     if args.reuse_vae and (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
         meta["vae_steps"] = json.loads((vae_dir / "steps.json").read_text())["vae_steps"]
