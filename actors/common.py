@@ -5,6 +5,13 @@ from __future__ import annotations
 from common.config import ActorResources
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def setup_actor(resources: ActorResources) -> str:
     """Set torch's thread count (Ray's fractional CPUs don't limit it) and return the device to use."""
     import warnings

@@ -7,7 +7,7 @@ import time
 import ray
 import torch
 
-from actors.common import setup_actor
+from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
 from rewards.combined import WeightedReward
@@ -24,6 +24,9 @@ class RewardActor:
 
     def ready(self) -> int:
         return self.index
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
 
     def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
         big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]

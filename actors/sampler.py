@@ -7,7 +7,7 @@ import time
 import ray
 import torch
 
-from actors.common import setup_actor
+from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.rollouts import RolloutGenerator
 
@@ -21,6 +21,9 @@ class SamplerActor:
 
     def ready(self) -> int:
         return self.index
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
         """Load the LoRA state of `version` (Ray resolves the shared ObjectRef); answer (version, checksum)."""

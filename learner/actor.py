@@ -6,7 +6,7 @@ import time
 
 import ray
 
-from actors.common import setup_actor
+from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
 from learner.ddpo import DDPOLearner
@@ -31,6 +31,9 @@ class LearnerActor:
         """One ray.put of the current LoRA state: (version, [ObjectRef], checksum)."""
         version, state = self.learner.weights()
         return version, [ray.put(state)], self.learner.checksum()
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
 
     def lora_state(self):
         return self.learner.weights()[1]
