@@ -203,6 +203,15 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> None:
             p.requires_grad_(True)
 
 
+def load_policy(model: ModelConfig, lora: LoraConfig, device: str = "cpu") -> DiffusionParts:
+    """The frozen pipeline plus a fresh LoRA adapter, on `device`: what samplers and the learner hold."""
+    pipe = load_pipeline(model)
+    attach_lora(pipe.unet, lora)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(device)
+    return DiffusionParts.from_pipeline(pipe)
+
+
 def lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The LoRA tensors of `unet` by parameter name (detached CPU float32 copies)."""
     return {n: p.detach().to("cpu", torch.float32).clone() for n, p in unet.named_parameters() if "lora_" in n}

@@ -11,14 +11,7 @@ import torch
 
 from common.config import RunConfig
 from common.exploration import plan_rollout
-from common.pipelines import (
-    DiffusionParts,
-    attach_lora,
-    load_lora_state,
-    load_pipeline,
-    lora_checksum,
-    lora_state,
-)
+from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state
 from common.sampling import Conditioner, sample_rollout
 from common.trajectory import TrajectoryBatch
 
@@ -35,12 +28,7 @@ class RolloutGenerator:
 
     def __init__(self, cfg: RunConfig, device: str = "cpu"):
         self.cfg = cfg
-        pipe = load_pipeline(cfg.model)
-        attach_lora(pipe.unet, cfg.lora)
-        pipe.unet.to(device)
-        pipe.vae.to(device)
-        pipe.text_encoder.to(device)
-        self.parts = DiffusionParts.from_pipeline(pipe)
+        self.parts = load_policy(cfg.model, cfg.lora, device)
         self.conditioner = Conditioner(self.parts)
         self.version = 0
 

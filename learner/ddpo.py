@@ -14,14 +14,7 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.pipelines import (
-    DiffusionParts,
-    attach_lora,
-    load_lora_state,
-    load_pipeline,
-    lora_checksum,
-    lora_state,
-)
+from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state
 from common.sampling import Conditioner, recompute_logprobs
 from common.trajectory import TrajectoryBatch
 from learner.stat_tracker import PerPromptStatTracker
@@ -50,11 +43,7 @@ class DDPOLearner:
 
     def __init__(self, cfg: RunConfig, device: str = "cpu"):
         self.cfg = cfg
-        pipe = load_pipeline(cfg.model)
-        attach_lora(pipe.unet, cfg.lora)
-        pipe.unet.to(device)
-        pipe.text_encoder.to(device)
-        self.parts = DiffusionParts.from_pipeline(pipe)
+        self.parts = load_policy(cfg.model, cfg.lora, device)
         self.uncond = Conditioner(self.parts).empty
         self.params = [p for n, p in self.parts.unet.named_parameters() if "lora_" in n]
         a = cfg.algorithm
