@@ -59,7 +59,7 @@ def run_local(cfg, threads: int) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         gen.set_weights(*learner.weights())
         n = cfg.train.samples_per_epoch
-        batch = gen.generate(epoch_prompts(prompts, cfg.train.seed, e, n), sample_seeds(cfg.train.seed, e, n))
+        batch = gen.generate(epoch_prompts(prompts, cfg.train.seed, e, n, cfg.train.prompts_per_epoch), sample_seeds(cfg.train.seed, e, n))
         t1 = time.perf_counter()
         batch.rewards = reward(batch.images_float(), batch.prompts)[0]
         t2 = time.perf_counter()

@@ -206,6 +206,12 @@ class ReplayConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1, description="Training epochs (one sample-score-learn round each).")
     samples_per_epoch: int = Field(16, ge=1, description="Training images sampled (and scored) per epoch.")
+    prompts_per_epoch: int = Field(
+        0,
+        ge=0,
+        description="0: each sample's prompt is drawn at random. k > 0: k prompts per epoch with "
+        "samples_per_epoch / k samples each (groups, so per-prompt advantages compare like with like).",
+    )
     seed: int = Field(0, description="Seed of prompts, noise and exploration.")
     checkpoint_every: int = Field(5, ge=0, description="Checkpoint every N epochs (0: only at the end).")
 
@@ -244,6 +250,12 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"train.samples_per_epoch ({self.train.samples_per_epoch}) must be a multiple of "
                 f"algorithm.minibatch_size ({self.algorithm.minibatch_size})"
+            )
+        k = self.train.prompts_per_epoch
+        if k and self.train.samples_per_epoch % k:
+            raise ValueError(
+                f"train.samples_per_epoch ({self.train.samples_per_epoch}) must be a multiple of "
+                f"train.prompts_per_epoch ({k})"
             )
         if per_step > self.train.samples_per_epoch:
             raise ValueError(

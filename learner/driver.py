@@ -35,10 +35,17 @@ def _opts(r: ActorResources, wait_policy: str) -> dict:
     return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": {"env_vars": env}}
 
 
-def epoch_prompts(prompts: list[str], seed: int, epoch: int, n: int) -> list[str]:
-    """The epoch's training prompts, drawn with replacement, a function of (seed, epoch) only."""
+def epoch_prompts(prompts: list[str], seed: int, epoch: int, n: int, groups: int = 0) -> list[str]:
+    """The epoch's n training prompts, a function of (seed, epoch) only.
+
+    groups = 0: drawn with replacement. groups = k > 0: k distinct prompts (with replacement if there
+    are fewer), each repeated n / k times, so per-prompt advantages compare samples of one prompt.
+    """
     rng = np.random.default_rng([seed, epoch, 0xBEEF])
-    return [prompts[i] for i in rng.integers(0, len(prompts), n)]
+    if groups <= 0:
+        return [prompts[i] for i in rng.integers(0, len(prompts), n)]
+    picks = rng.choice(len(prompts), size=groups, replace=groups > len(prompts))
+    return [prompts[i] for i in picks for _ in range(n // groups)]
 
 
 def _split(n: int, parts: int) -> list[int]:
@@ -119,7 +126,8 @@ class Trainer:
 
     def _epoch_inputs(self, epoch: int) -> tuple[list[str], list[int]]:
         n = self.cfg.train.samples_per_epoch
-        return epoch_prompts(self.train_prompts, self.cfg.train.seed, epoch, n), sample_seeds(self.cfg.train.seed, epoch, n)
+        t = self.cfg.train
+        return epoch_prompts(self.train_prompts, t.seed, epoch, n, t.prompts_per_epoch), sample_seeds(t.seed, epoch, n)
 
     def _evaluate(self, tag: str) -> dict:
         import torch

@@ -66,3 +66,15 @@ def test_on_policy_first_minibatch_and_update(tiny_cfg, scored_batch):
     with pytest.raises(ValueError, match="needs a scored batch"):
         scored_batch_unscored = make_batch(rewards=False)
         learner.train(scored_batch_unscored)
+
+
+def test_epoch_prompts_in_groups():
+    from learner.driver import epoch_prompts
+
+    prompts = [f"p{i}" for i in range(10)]
+    grouped = epoch_prompts(prompts, seed=0, epoch=3, n=12, groups=3)
+    assert len(grouped) == 12 and len(set(grouped)) == 3
+    assert all(grouped.count(p) == 4 for p in set(grouped))
+    assert grouped == epoch_prompts(prompts, seed=0, epoch=3, n=12, groups=3)  # a function of (seed, epoch)
+    assert epoch_prompts(prompts, 0, 4, 12, 3) != grouped
+    assert len(epoch_prompts(prompts, 0, 3, 12)) == 12
