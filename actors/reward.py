@@ -30,7 +30,7 @@ class RewardActor:
 
     def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
         big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]
-        total = self.score_eval(big)
+        total = self.score_batch(big)
         out, start = [], 0
         for b in batches:
             b.rewards = total[start : start + len(b)].clone()
@@ -57,8 +57,8 @@ class RewardActor:
             done += len(got)
         return {"items": done, "samples": samples, "time_reward": t_busy}
 
-    def score_eval(self, batch: TrajectoryBatch) -> torch.Tensor:
-        """Rewards [B], computed in calls of at most reward.batch_size images."""
+    def score_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
+        """Rewards [B] (training or evaluation images), computed in calls of at most reward.batch_size images."""
         bs = self.cfg.reward.batch_size
         images = batch.images_float()
         parts = [self.reward(images[i : i + bs], batch.prompts[i : i + bs])[0] for i in range(0, len(batch), bs)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import ray
+import torch
 
 from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
@@ -50,21 +51,20 @@ class LearnerActor:
         batches = ray.get([item[0] for _, item in got])
         # arrival order depends on which sampler finished first; train in seed order so runs are reproducible
         batches.sort(key=lambda b: (b.plans[0]["seed"], b.batch_id))
-        fresh, dropped = split_stale(batches, self.learner.version, self.cfg.replay.max_staleness)
-        versions = [b.policy_version for b in batches]
+        version = self.learner.version
+        fresh, dropped = split_stale(batches, version, self.cfg.replay.max_staleness)
         if fresh:
             metrics = self.learner.train(TrajectoryBatch.concat(fresh))
-            rewards = TrajectoryBatch.concat(fresh).rewards
         else:
-            metrics, rewards = {"policy_version": self.learner.version}, None
+            metrics = {"policy_version": version}
         scored_queue.ack([e for e, _ in got])
-        all_rewards = TrajectoryBatch.concat(batches).rewards
+        rewards = torch.cat([b.rewards for b in batches])  # every scored sample, trained on or not
         metrics.update(
             dropped_stale=dropped,
-            trained_samples=0 if rewards is None else len(rewards),
-            reward_mean=float(all_rewards.mean()),
-            reward_std=float(all_rewards.std(unbiased=False)),
-            staleness_max=max(self.learner.version - 1 - v for v in versions) if fresh else 0,
+            trained_samples=sum(len(b) for b in fresh),
+            reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std(unbiased=False)),
+            staleness_max=max((version - b.policy_version for b in fresh), default=0),
             time_learn=time.perf_counter() - t0,
         )
         return metrics

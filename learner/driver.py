@@ -106,7 +106,7 @@ class RaySystem:
             if n:
                 futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n]))
             start += n
-        scores = [self.rewarders[i % len(self.rewarders)].score_eval.remote(f) for i, f in enumerate(futs)]
+        scores = [self.rewarders[i % len(self.rewarders)].score_batch.remote(f) for i, f in enumerate(futs)]
         return ray.get(futs), ray.get(scores)
 
 

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 from common.config import (
     ConfigError,
     RunConfig,
+    apply_override,
     load_config,
     preset_names,
     read_config_source,
@@ -47,8 +48,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
         run_path = Path(args.resume)
         if not (run_path / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_path}: no config.yaml there; give the directory of an earlier run")
-        from common.config import apply_override
-
         data = read_config_source(str(run_path / "config.yaml"))
         for o in args.overrides:
             apply_override(data, o)
