@@ -20,11 +20,17 @@ class WeightedReward:
         self.differentiable = all(r.differentiable for _, _, r in self.terms)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total reward [B] and each term's raw score [B] by name; raises NonFiniteRewardError on NaN/inf."""
+        """Total reward [B] and, by name, each term's raw score [B] and its components [B] as
+        "term/component" (for rewards with `score_details`); raises NonFiniteRewardError on NaN/inf."""
         total = torch.zeros(images.shape[0])
         parts = {}
         for name, weight, fn in self.terms:
-            score = fn(images, prompts).detach().float().cpu()
+            if hasattr(fn, "score_details"):
+                score, details = fn.score_details(images, prompts)
+                parts.update({f"{name}/{k}": v.detach().float().cpu() for k, v in details.items()})
+            else:
+                score = fn(images, prompts)
+            score = score.detach().float().cpu()
             if score.shape != (images.shape[0],):
                 raise ValueError(f"reward {name!r} returned shape {tuple(score.shape)}, expected ({images.shape[0]},)")
             bad = (~torch.isfinite(score)).nonzero().flatten().tolist()
@@ -36,3 +42,16 @@ class WeightedReward:
             parts[name] = score
             total = total + weight * score
         return total, parts
+
+
+def score_in_batches(
+    reward: WeightedReward, images: torch.Tensor, prompts: list[str], batch_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`reward` over images float [N, 3, H, W] in calls of at most `batch_size`: (total [N], parts [N] each)."""
+    totals, parts = [], {}
+    for i in range(0, images.shape[0], batch_size):
+        total, p = reward(images[i : i + batch_size], prompts[i : i + batch_size])
+        totals.append(total)
+        for k, v in p.items():
+            parts.setdefault(k, []).append(v)
+    return torch.cat(totals), {k: torch.cat(v) for k, v in parts.items()}

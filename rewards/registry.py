@@ -3,6 +3,10 @@
 A reward is a class with class attributes `name` and `differentiable`, a
 constructor that takes keyword options, and
 `__call__(images float[B,3,H,W] in [0,1], prompts list[str]) -> float[B]`.
+
+A reward may also define `score_details(images, prompts) -> (float[B], {name: float[B]})`: the same
+score plus per-image components (e.g. which parts of a caption an image satisfies). They are logged
+beside the score, so that a reward rising for the wrong reason shows up in its parts.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from common.shapes.detect import score_scenes
+from common.shapes.detect import extra_objects, score_scenes
+from common.shapes.scenes import parse_caption
 from rewards.registry import register_reward
 
 
@@ -24,6 +25,19 @@ class ShapesReward:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
             return score_scenes(images, prompts, soft=False).score.to(images.device, torch.float32)
+
+    def score_details(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The score [B] and 0/1 components [B]: full (everything right), colours (every named colour
+        found), shapes (every object found with its shape), relation (pairs; 1 for singles), extra (an
+        unnamed colour present)."""
+        with torch.no_grad():
+            s = score_scenes(images, prompts, soft=False)
+            d0, d1 = s.detections
+            pair = torch.tensor([len(parse_caption(p).objects) == 2 for p in prompts])
+            colours = torch.where(pair, d0.found * d1.found, d0.found)
+            details = {"full": s.objects_ok * s.relation_ok, "colours": colours, "shapes": s.objects_ok,
+                       "relation": s.relation_ok, "extra": extra_objects(images, prompts)}  # fmt: skip
+        return s.score.float(), {k: v.float() for k, v in details.items()}
 
 
 @register_reward("shapes_soft")

@@ -106,3 +106,21 @@ def test_diversity_separates_varied_from_identical_samples() -> None:
     assert d_varied.found_fraction == 1.0
     assert d_varied.position_spread > 5 and d_varied.size_spread > 1 and d_varied.pixel_distance > 0.1
     assert d_same.position_spread < 1e-3 and d_same.pixel_distance == 0.0
+
+
+def test_score_details_split_the_caption_into_components() -> None:
+    reward = build_reward("shapes")
+    images = _scenes(PAIRS + SINGLES)
+    score, d = reward.score_details(images, PAIRS + SINGLES)
+    torch.testing.assert_close(score, reward(images, PAIRS + SINGLES))
+    assert set(d) == {"full", "colours", "shapes", "relation", "extra"}
+    for k in ("full", "colours", "shapes", "relation"):
+        assert d[k].tolist() == [1.0] * 12, k  # ground-truth scenes satisfy every part of their caption
+    assert d["extra"].sum() == 0
+    # swapped relation: colours and shapes still right, relation and full wrong
+    swapped = [corrupt_caption(c, "swapped_relation", np.random.default_rng(0)).text for c in PAIRS]
+    _, w = reward.score_details(images[:6], swapped)
+    assert w["relation"].sum() == 0 and w["full"].sum() == 0 and w["colours"].tolist() == [1.0] * 6
+    # a pair image scored against one of its objects alone: the other object is an extra one
+    _, e = reward.score_details(images[:1], ["a red circle"])
+    assert e["extra"].tolist() == [1.0] and e["full"].tolist() == [1.0]

@@ -243,3 +243,17 @@ def score_scenes(
     if not soft:
         score = score.clamp(0, 1)
     return SceneScore(score=score, objects_ok=objects_ok, relation_ok=relation_ok, detections=dets)
+
+
+def extra_objects(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """1.0 where an image holds a colour its caption does not name over >= MIN_AREA pixels, else 0.0: [B].
+
+    Catches a reward rising for the wrong reason (e.g. extra objects that happen to satisfy a relation).
+    """
+    labels = colour_labels(images.detach().float())
+    counts = torch.stack([(labels == k).sum(dim=(-1, -2)) for k in range(len(COLOUR_NAMES))], dim=1)  # [B, K]
+    named = torch.zeros_like(counts, dtype=torch.bool)
+    for i, cap in enumerate(_parse_all(prompts)):
+        for obj in cap.objects:
+            named[i, COLOUR_NAMES.index(obj.colour)] = True
+    return ((counts >= MIN_AREA) & ~named).any(dim=1).float()
