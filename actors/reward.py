@@ -10,7 +10,7 @@ import torch
 from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
-from rewards.combined import WeightedReward
+from rewards.combined import WeightedReward, score_in_batches
 
 
 class RewardActor:
@@ -30,7 +30,7 @@ class RewardActor:
 
     def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
         big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]
-        total = self.score_batch(big)
+        total, _ = self.score_batch(big)
         out, start = [], 0
         for b in batches:
             b.rewards = total[start : start + len(b)].clone()
@@ -57,9 +57,7 @@ class RewardActor:
             done += len(got)
         return {"items": done, "samples": samples, "time_reward": t_busy}
 
-    def score_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
-        """Rewards [B] (training or evaluation images), computed in calls of at most reward.batch_size images."""
-        bs = self.cfg.reward.batch_size
-        images = batch.images_float()
-        parts = [self.reward(images[i : i + bs], batch.prompts[i : i + bs])[0] for i in range(0, len(batch), bs)]
-        return torch.cat(parts)
+    def score_batch(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(rewards [B], components [B] by name) of training or evaluation images, in calls of at most
+        reward.batch_size images."""
+        return score_in_batches(self.reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size)

@@ -132,6 +132,13 @@ class StatTrackerConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
+    @field_validator("timestep_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError(f"must be [start, end) with 0 <= start < end <= 1 (got {list(v)})")
+        return v
+
     name: Literal["ddpo"] = Field("ddpo", description="Training algorithm.")
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -141,6 +148,13 @@ class AlgorithmConfig(_Strict):
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to [-adv_clip_max, adv_clip_max].")
     timestep_fraction: float = Field(
         1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained on (random per sample)."
+    )
+    timestep_window: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="Fractions [start, end) of the denoising steps (0 = the noisiest, first step) that training "
+        "draws its timesteps from; timestep_fraction then picks among these. (0, 0.5) trains only the early "
+        "steps, where the layout is decided: half the learner's cost, and no gradient noise from steps that "
+        "barely change a composition reward.",
     )
     inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's samples.")
     minibatch_size: int = Field(8, ge=1, description="Samples per gradient-accumulation microbatch.")
@@ -174,6 +188,15 @@ class ActorResources(_Strict):
 
 
 class ClusterConfig(_Strict):
+    backend: Literal["ray", "local"] = Field(
+        "ray",
+        description="ray: sampler, reward and learner actors on a Ray cluster. local: the same classes in one "
+        "process without Ray (GPU boxes without Ray, debugging, sweeps); replay.max_staleness must be 0.",
+    )
+    local_device: str = Field("auto", description="Device of the local backend: auto (CUDA if present), cpu, cuda:N.")
+    local_torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of the local backend (null: torch's default, all cores)."
+    )
     address: str | None = Field(
         None, description="Ray address; null uses RAY_ADDRESS if set, else starts a local Ray."
     )
@@ -246,6 +269,11 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         per_step = self.algorithm.minibatch_size * self.algorithm.gradient_accumulation
+        if self.cluster.backend == "local" and self.replay.max_staleness:
+            raise ValueError(
+                f"replay.max_staleness must be 0 with cluster.backend=local (got {self.replay.max_staleness}): "
+                "one process cannot sample ahead while it learns"
+            )
         if self.train.samples_per_epoch % self.algorithm.minibatch_size:
             raise ValueError(
                 f"train.samples_per_epoch ({self.train.samples_per_epoch}) must be a multiple of "
@@ -267,7 +295,7 @@ class RunConfig(_Strict):
     def derived(self) -> dict[str, int]:
         """Sizes worth printing at start-up."""
         a = self.algorithm
-        steps = int(self.sampling.num_steps * a.timestep_fraction) or 1
+        steps = window_steps(self.sampling.num_steps, a.timestep_window, a.timestep_fraction)[1]
         return {
             "samples_per_epoch": self.train.samples_per_epoch,
             "effective_batch": a.minibatch_size * a.gradient_accumulation,
@@ -276,6 +304,15 @@ class RunConfig(_Strict):
             "trained_timesteps_per_sample": steps,
             "reward_queries_total": self.train.epochs * self.train.samples_per_epoch,
         }
+
+
+def window_steps(num_steps: int, window: tuple[float, float], fraction: float) -> tuple[list[int], int]:
+    """(indices of the denoising steps inside `window`, how many of them each sample trains on).
+    Step indices count from the noisiest step (0); at least one step is kept."""
+    lo = min(int(window[0] * num_steps), num_steps - 1)
+    hi = max(lo + 1, round(window[1] * num_steps))
+    idx = list(range(lo, hi))
+    return idx, max(1, int(len(idx) * fraction))
 
 
 def preset_names() -> list[str]:

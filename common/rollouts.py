@@ -26,9 +26,10 @@ def sample_seeds(base_seed: int, epoch: int, count: int, offset: int = 0) -> lis
 class RolloutGenerator:
     """Samples trajectories with DiffExp exploration from the current LoRA policy."""
 
-    def __init__(self, cfg: RunConfig, device: str = "cpu"):
+    def __init__(self, cfg: RunConfig, device: str = "cpu", parts=None):
+        """`parts`: a loaded policy to share (the local backend samples with the learner's modules)."""
         self.cfg = cfg
-        self.parts = load_policy(cfg.model, cfg.lora, device)
+        self.parts = parts if parts is not None else load_policy(cfg.model, cfg.lora, device)
         self.conditioner = Conditioner(self.parts)
         self.version = 0
 

@@ -70,15 +70,7 @@ class LearnerActor:
         return metrics
 
     def checkpoint_state(self) -> dict:
-        """Everything a checkpoint needs: LoRA (peft keys and adapter metadata), optimizer, tracker, RNG."""
-        from peft.utils import get_peft_model_state_dict
-
-        unet = self.learner.parts.unet
-        meta = unet.peft_config["default"].to_dict()
-        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        peft_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-        return {"peft_state": peft_state, "lora_meta": meta, "lora": self.learner.weights()[1],
-                "learner": self.learner.state_dict()}  # fmt: skip
+        return self.learner.checkpoint_state()
 
     def restore(self, learner_state: dict, lora: dict) -> str:
         self.learner.load_state_dict(learner_state, lora)

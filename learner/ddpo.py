@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common.config import RunConfig, window_steps
 from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state
 from common.sampling import Conditioner, recompute_logprobs
 from common.trajectory import TrajectoryBatch
@@ -88,7 +88,8 @@ class DDPOLearner:
             raise ValueError("DDPOLearner.train needs a scored batch (rewards is None)")
         adv, info = self.advantages(batch)
         b, t = batch.log_probs.shape
-        t_train = max(1, int(t * a.timestep_fraction))
+        window, t_train = window_steps(t, a.timestep_window, a.timestep_fraction)
+        window_t = torch.tensor(window)
         unet = self.parts.unet
         unet.train()
         sums = {"approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "loss": 0.0}
@@ -97,7 +98,7 @@ class DDPOLearner:
         grad_norms = []
         for _ in range(a.inner_epochs):
             perm = torch.randperm(b, generator=self.rng)
-            steps = torch.stack([torch.randperm(t, generator=self.rng)[:t_train] for _ in range(b)])  # [B, T']
+            steps = torch.stack([window_t[torch.randperm(len(window), generator=self.rng)[:t_train]] for _ in range(b)])  # [B, T']
             pending = 0
             for start in range(0, b, a.minibatch_size):
                 idx = perm[start : start + a.minibatch_size]
@@ -167,6 +168,17 @@ class DDPOLearner:
             "tracker": self.tracker.state_dict(),
             "rng": self.rng.get_state(),
         }
+
+    def checkpoint_state(self) -> dict:
+        """Everything a checkpoint needs: LoRA (peft keys and adapter metadata, and our own keys),
+        optimizer, tracker, RNG and version."""
+        from peft.utils import get_peft_model_state_dict
+
+        unet = self.parts.unet
+        meta = unet.peft_config["default"].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        peft_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        return {"peft_state": peft_state, "lora_meta": meta, "lora": self.weights()[1], "learner": self.state_dict()}
 
     def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
         load_lora_state(self.parts.unet, lora)

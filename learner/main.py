@@ -2,7 +2,8 @@
 
 Connects to an existing Ray cluster when RAY_ADDRESS (or cluster.address) is
 set, so `ray job submit -- python -m learner.main` works; starts a local Ray
-otherwise. Every input is checked before any actor starts; a bad one ends the
+otherwise; `--set cluster.backend=local` runs everything in this process
+without Ray. Every input is checked before any actor starts; a bad one ends the
 run with one line naming it and the fix.
 """
 
@@ -86,18 +87,30 @@ def init_ray(cfg: RunConfig) -> None:
                  log_to_driver=True)  # fmt: skip
 
 
+def make_system(cfg: RunConfig):
+    """The backend of cluster.backend: Ray actors (starting or joining Ray) or one local process."""
+    if cfg.cluster.backend == "local":
+        from learner.local import LocalSystem
+
+        return LocalSystem(cfg)
+    from learner.driver import RaySystem
+
+    init_ray(cfg)
+    return RaySystem(cfg)
+
+
 def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
-    """Train `cfg` into `run_path` on the current (or a new) Ray; returns the metric rows."""
-    from learner.driver import RaySystem, Trainer
+    """Train `cfg` into `run_path` on its backend (cluster.backend); returns the metric rows."""
+    from learner.loop import Trainer
     from learner.run_dir import RunDir
 
     preflight(cfg)
-    init_ray(cfg)
     run_dir = RunDir(run_path)
     run_dir.create(cfg, resume=resume)
     d = cfg.derived()
-    log(f"run {run_path} | model {cfg.model.pretrained} | " + " ".join(f"{k}={v}" for k, v in d.items()))
-    system = RaySystem(cfg)
+    log(f"run {run_path} | model {cfg.model.pretrained} | backend {cfg.cluster.backend} | "
+        + " ".join(f"{k}={v}" for k, v in d.items()))  # fmt: skip
+    system = make_system(cfg)
     trainer = Trainer(cfg, run_dir, system, log=log)
     if resume and not trainer.restore():
         log(f"{run_path}: no complete checkpoint yet; starting from epoch 0")

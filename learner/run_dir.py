@@ -79,15 +79,48 @@ class RunDir:
             self._tb.close()
 
     # ------------------------------------------------------------------- images
-    def save_grid(self, images: torch.Tensor, name: str, nrow: int) -> Path:
-        """Save images [B, 3, H, W] in [0, 1] (or uint8) as one PNG grid under samples/."""
-        from torchvision.utils import save_image
+    def save_grid(self, images: torch.Tensor, name: str, nrow: int, labels: list[str] | None = None,
+                  max_rows: int = 24) -> Path:  # fmt: skip
+        """Save images [B, 3, H, W] in [0, 1] (or uint8) as one PNG grid under samples/, `nrow` images a
+        row; with `labels` (one per row, e.g. the prompt) each row is captioned on its left. At most
+        `max_rows` rows are drawn."""
+        from PIL import Image, ImageDraw
+        from torchvision.utils import make_grid
 
-        if images.dtype == torch.uint8:
-            images = images.float() / 255
+        if images.dtype != torch.uint8:
+            images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        nrow = max(1, nrow)
+        images = images[: nrow * max_rows]
+        grid = make_grid(images, nrow=nrow, padding=1, pad_value=255)
+        pic = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        if labels:
+            rows = math.ceil(images.shape[0] / nrow)
+            h = images.shape[-2] + 1
+            width = 6 * max(len(t) for t in labels[:rows]) + 8
+            canvas = Image.new("RGB", (pic.width + width, pic.height), "white")
+            canvas.paste(pic, (width, 0))
+            draw = ImageDraw.Draw(canvas)
+            for r, text in enumerate(labels[:rows]):
+                draw.text((4, r * h + h // 2 - 5), text, fill="black")
+            pic = canvas
         out = self.samples_dir / f"{name}.png"
-        save_image(images, str(out), nrow=max(1, nrow), padding=1)
+        pic.save(out)
         return out
+
+    def save_eval_images(self, name: str, images: torch.Tensor, prompts: list[str]) -> Path:
+        """Keep evaluation images uint8 [N, 3, H, W] with their prompts (samples/<name>.safetensors), e.g.
+        to measure the final policy's diversity later."""
+        out = self.samples_dir / f"{name}.safetensors"
+        save_file({"images": images.to(torch.uint8).contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
+        return out
+
+    @staticmethod
+    def load_eval_images(path: Path) -> tuple[torch.Tensor, list[str]]:
+        """(images uint8 [N, 3, H, W], prompts) saved by save_eval_images."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("images"), json.loads(f.metadata()["prompts"])
 
     def plot_reward_curve(self) -> Path | None:
         import matplotlib
@@ -104,12 +137,13 @@ class RunDir:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for name in sets:
             key = "eval_reward" if name == "reward" else f"eval_{name}_reward"
-            ev = [(r["eval_reward_queries"], r[key + "_mean"], r[key + "_std"]) for r in rows if key + "_mean" in r]
+            ev = [(r["eval_reward_queries"], r[key + "_mean"], r.get(key + "_ci95", 0.0)) for r in rows
+                  if key + "_mean" in r]  # fmt: skip
             if not ev:
                 continue
             x, y, s = zip(*ev)
             label = "evaluation" if name == "reward" else f"evaluation: {name}"
-            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label=label + " (plain prompts, constant CFG)")
+            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label=label + " (plain prompts, constant CFG; 95% CI)")
         if tr:
             x, y = zip(*tr)
             ax.plot(x, y, alpha=0.6, label="training rollouts (with exploration)")

@@ -78,3 +78,29 @@ def test_epoch_prompts_in_groups():
     assert grouped == epoch_prompts(prompts, seed=0, epoch=3, n=12, groups=3)  # a function of (seed, epoch)
     assert epoch_prompts(prompts, 0, 4, 12, 3) != grouped
     assert len(epoch_prompts(prompts, 0, 3, 12)) == 12
+
+
+def test_timestep_window_trains_only_the_early_steps(tiny_cfg, scored_batch):
+    """With timestep_window (0, 0.5) the learner never reads a step outside the window: poisoning the
+    late steps' latents and log-probs with NaN leaves the update finite and on-policy."""
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.algorithm.timestep_window = (0.0, 0.5)  # 6 steps -> steps 0, 1, 2
+    poisoned = scored_batch.concat([scored_batch])  # a copy
+    poisoned.latents[:, 4:] = float("nan")  # x after steps 3.. (index j+1 for step j >= 3)
+    poisoned.log_probs[:, 3:] = float("nan")
+    learner = DDPOLearner(cfg)
+    m = learner.train(poisoned)
+    assert m["logprob_mismatch"] < 1e-4 and all(torch.isfinite(p).all() for p in learner.params)
+    full = DDPOLearner(tiny_cfg)
+    assert not torch.isfinite(torch.tensor(full.train(poisoned)["loss"]))  # without the window NaN reaches the loss
+
+
+def test_timestep_window_config():
+    from common.config import ConfigError, load_config, window_steps
+
+    assert window_steps(20, (0.0, 0.5), 1.0) == (list(range(10)), 10)
+    assert window_steps(20, (0.0, 0.4), 0.5) == (list(range(8)), 4)
+    assert window_steps(3, (0.9, 1.0), 1.0) == ([2], 1)
+    assert load_config("tiny", ["algorithm.timestep_window=[0,0.5]"]).derived()["trained_timesteps_per_sample"] == 10
+    with pytest.raises(ConfigError, match="algorithm.timestep_window: must be"):
+        load_config("tiny", ["algorithm.timestep_window=[0.5,0.5]"])

@@ -68,6 +68,17 @@ def test_on_policy_invariant_through_the_distributed_path(ray_session, tiny_cfg,
     assert "eval_animals_reward_std" in epochs[2]
     assert (tmp_path / "samples" / "epoch_0000_animals.png").is_file()
     assert RunDir(tmp_path).plot_reward_curve().stat().st_size > 1000
+    # evaluation sees the policy after e updates at the top of epoch e (it once lagged one version)
+    assert [epochs[0]["eval_policy_version"], epochs[2]["eval_policy_version"], rows[-1]["eval_policy_version"]] == [0, 2, 3]
+
+    # the same loop without Ray: the first epoch (same weights, prompts, seeds) gives the same rollouts, up to
+    # float differences of other UNet batch shapes (a JPEG size then moves by a byte or two: 0.001 kB each)
+    from learner.local import LocalSystem
+
+    local_cfg = _cfg(cfg, "cluster.backend=local", "train.epochs=1")
+    local = Trainer(local_cfg, _run_dir(tmp_path / "local", local_cfg), LocalSystem(local_cfg), log=lambda *_: None).fit()
+    assert abs(local[0]["reward_mean"] - epochs[0]["reward_mean"]) < 0.005
+    assert abs(local[0]["eval_reward_mean"] - epochs[0]["eval_reward_mean"]) < 0.005
 
 
 def test_overlapped_sampling_trains_on_one_version_old_rollouts(ray_session, tiny_cfg, tmp_path):

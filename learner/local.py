@@ -1,0 +1,83 @@
+"""The local backend of the epoch loop: sampler, reward and learner in this one process, no Ray.
+
+For machines without Ray (the GPU bench box), debugging, sweeps and studies: it runs exactly the
+classes the Ray actors wrap (RolloutGenerator, WeightedReward, DDPOLearner), in the same order, so a
+local run and a Ray run with max_staleness 0 train on the same rollouts. The sampler shares the
+learner's modules (one copy of the model in memory), so a weight sync only moves the version tag;
+it is still verified by checksum like the Ray one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common.config import RunConfig
+from common.rollouts import RolloutGenerator
+from learner.ddpo import DDPOLearner
+from learner.loop import EvalResult, WeightSyncError
+from rewards.combined import WeightedReward, score_in_batches
+
+
+def local_device(cfg: RunConfig) -> str:
+    """cluster.local_device, with 'auto' meaning CUDA when there is one."""
+    d = cfg.cluster.local_device
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return d
+
+
+class LocalSystem:
+    """Sample -> score -> learn in one process (implements learner.loop.System)."""
+
+    sampling_ahead = False
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        if cfg.cluster.local_torch_threads:
+            torch.set_num_threads(cfg.cluster.local_torch_threads)
+        device = local_device(cfg)
+        self.learner = DDPOLearner(cfg, device=device)
+        self.gen = RolloutGenerator(cfg, device=device, parts=self.learner.parts)
+        self.reward = WeightedReward(cfg.reward)
+
+    def sync_weights(self) -> tuple[int, str]:
+        version, state = self.learner.weights()
+        held_version, held = self.gen.set_weights(version, state)
+        checksum = self.learner.checksum()
+        if held_version != version or held != checksum:
+            raise WeightSyncError(f"sampler holds version {held_version} checksum {held}, learner has {version} {checksum}")
+        return version, checksum
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return score_in_batches(self.reward, images, prompts, self.cfg.reward.batch_size)
+
+    def train_epoch(self, inputs: tuple[list[str], list[int]], next_inputs=None) -> dict:
+        prompts, seeds = inputs
+        t0 = time.perf_counter()
+        batch = self.gen.generate(prompts, seeds, explore=True)
+        t1 = time.perf_counter()
+        batch.rewards, _ = self._score(batch.images_float(), batch.prompts)
+        t2 = time.perf_counter()
+        m = self.learner.train(batch)
+        m.update(
+            samples=len(batch), dropped_stale=0, staleness_max=0, trained_samples=len(batch),
+            reward_mean=float(batch.rewards.mean()), reward_std=float(batch.rewards.std(unbiased=False)),
+            time_sample=t1 - t0, time_reward=t2 - t1, time_learn=time.perf_counter() - t2,
+        )  # fmt: skip
+        return m
+
+    def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult:
+        batch = self.gen.generate(prompts, seeds, explore=False)
+        total, parts = self._score(batch.images_float(), batch.prompts)
+        return EvalResult(batch.images, total, parts, batch.policy_version)
+
+    def checkpoint_state(self) -> dict:
+        return self.learner.checkpoint_state()
+
+    def restore(self, learner_state: dict, lora: dict) -> None:
+        self.learner.load_state_dict(learner_state, lora)
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,27 @@
+"""The local backend (one process, no Ray) through the shared epoch loop."""
+
+from common.pipelines import lora_checksum
+from learner.local import LocalSystem
+from learner.loop import Trainer
+from learner.run_dir import RunDir
+from tests.test_system import _cfg, _run_dir
+
+
+def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, "cluster.backend=local", "train.epochs=3", "eval.every=1", "eval.max_prompts=2",
+               "exploration.prompt_weighting.num_phrases=2", "prompts.eval=[tiny_animals, animals]")  # fmt: skip
+    system = LocalSystem(cfg)
+    rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
+    epochs, final = rows[:-1], rows[-1]
+    # evaluation at the top of epoch e sees the policy after e updates (it once lagged one version behind)
+    assert [r["eval_policy_version"] for r in epochs] == [0, 1, 2] and final["eval_policy_version"] == 3
+    assert [r["policy_version"] for r in epochs] == [1, 2, 3]
+    assert all(r["logprob_mismatch"] < 1e-4 and abs(r["ratio_mean"] - 1) < 1e-4 for r in epochs)
+    assert [r["reward_queries"] for r in epochs] == [8, 16, 24]
+    # the policy moved, so evaluation images (fixed prompts and noise) changed between versions
+    assert epochs[0]["eval_reward_mean"] != final["eval_reward_mean"]
+    assert {"eval_reward_ci95", "eval_animals_reward_ci95", "eval_tiny_animals_reward_mean"} <= set(epochs[0])
+    run = RunDir(tmp_path)
+    lora, _state, counters = run.load_checkpoint(run.latest_checkpoint())
+    assert counters == {"epoch": 3, "reward_queries": 24, "policy_version": 3}
+    assert system.learner.checksum() == lora_checksum(lora)
