@@ -1,0 +1,92 @@
+"""Launching many training runs and reading their results: the common part of bench/sweep.py and bench/study.py.
+
+Every run is the real CLI (`python -m learner.main`) on the local backend, in its own run directory,
+as a subprocess with a fixed torch thread count, so that P runs share P x T cores evenly. A run whose
+directory already holds a final evaluation is not run again (sweeps and studies resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
+
+
+@dataclass
+class RunSpec:
+    name: str  # directory name under the output folder
+    config: str  # preset or YAML path
+    overrides: list[str] = field(default_factory=list)
+
+
+def is_done(path: Path) -> bool:
+    m = path / "metrics.jsonl"
+    return m.is_file() and any(json.loads(x).get("final_eval") for x in m.read_text().splitlines() if x.strip())
+
+
+def launch_all(specs: list[RunSpec], out: Path, parallel: int, threads: int, log=print) -> None:
+    """Run every spec not yet done, `parallel` at a time, each with `threads` torch threads."""
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in specs if not is_done(out / s.name)]
+    log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; running {len(todo)}, {parallel} at a time")
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), OMP_NUM_THREADS=str(threads))
+    running: list[tuple[RunSpec, subprocess.Popen, float]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            s = todo.pop(0)
+            d = out / s.name
+            if d.exists():  # an unfinished earlier attempt: start it over
+                import shutil
+
+                shutil.rmtree(d)
+            cmd = [sys.executable, "-m", "learner.main", "--config", s.config, "--output", str(d),
+                   "--set", "cluster.backend=local", "--set", f"cluster.local_torch_threads={threads}",
+                   "--set", "output.tensorboard=false"]  # fmt: skip
+            for o in s.overrides:
+                cmd += ["--set", o]
+            d.parent.mkdir(parents=True, exist_ok=True)
+            with open(out / f"{s.name}.log", "w") as logf:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            running.append((s, proc, time.time()))
+            log(f"started {s.name}: {' '.join(s.overrides)}")
+        time.sleep(2)
+        for item in list(running):
+            s, p, t0 = item
+            if p.poll() is not None:
+                running.remove(item)
+                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode}, see {out / s.name}.log)"
+                if p.returncode:
+                    failed.append(s.name)
+                log(f"{status}: {s.name} in {time.time() - t0:.0f} s")
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def read_rows(path: Path) -> list[dict]:
+    m = path / "metrics.jsonl"
+    return [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else []
+
+
+def eval_curve(rows: list[dict], key: str) -> list[tuple[int, float, float]]:
+    """(reward queries, mean, 95% CI half-width) of evaluation metric `key` (e.g. eval_shapes_full)."""
+    return [(r.get("eval_reward_queries", r["reward_queries"]), r[key + "_mean"], r.get(key + "_ci95", 0.0))
+            for r in rows if key + "_mean" in r]  # fmt: skip
+
+
+def seed_mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and the 95% CI half-width of that mean (Student t; 0 for one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)

@@ -1,0 +1,192 @@
+"""The sample-efficiency study: DDPO with and without DiffExp's two exploration strategies, at equal reward-query
+budgets, several seeds each, on the local backend (no Ray: the same script runs on a GPU box).
+
+Arms (everything else is the base config's):
+  ddpo      exploration off (constant guidance, plain prompts)
+  cfg       the dynamic CFG-scale schedule only
+  weights   random prompt weighting only (constant guidance)
+  diffexp   both strategies
+
+Outputs in --out: one run directory per arm and seed, study.json, study.md (tables) and study.png (evaluation
+metric against reward queries, mean over seeds with 95% CIs, one panel per evaluation set).
+
+    python bench/study.py --out runs/study --seeds 0,1,2 --set train.epochs=12 --parallel 2 --threads 1
+
+The protocol (arms, budget, seeds, evaluation) is fixed by these arguments; report whatever it gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.runs import RunSpec, eval_curve, launch_all, read_rows, seed_mean_ci
+
+ARMS: dict[str, list[str]] = {
+    "ddpo": ["exploration.enabled=false"],
+    "cfg": ["exploration.enabled=true", "exploration.prompt_weighting.enabled=false"],
+    "weights": ["exploration.enabled=true", "exploration.cfg_schedule.kind=constant"],
+    "diffexp": ["exploration.enabled=true"],
+}
+
+
+def reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    """Reward queries at which a curve first reaches `target` (linear between evaluation points), or None."""
+    for (q0, y0, _), (q1, y1, _) in itertools.pairwise(curve):
+        if y0 >= target:
+            return float(q0)
+        if y1 >= target:
+            return q0 + (q1 - q0) * (target - y0) / (y1 - y0)
+    return float(curve[0][0]) if len(curve) == 1 and curve[0][1] >= target else None
+
+
+def diversity_at_end(run: Path) -> dict[str, float]:
+    """Mean per-prompt diversity of the final evaluation images of the first evaluation set."""
+    import torch
+
+    from common.shapes.diversity import mean_diversity, prompt_diversity
+    from learner.run_dir import RunDir
+
+    files = sorted((run / "samples").glob("*_final*.safetensors"))
+    if not files:
+        return {}
+    images, prompts = RunDir.load_eval_images(files[0])
+    images = images.float() / 255
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    per = [prompt_diversity(images[torch.tensor(ix)], p) for p, ix in groups.items() if len(ix) >= 2]
+    return mean_diversity(per) if per else {}
+
+
+def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
+    res: dict = {"arms": {}, "metrics": metrics}
+    first = read_rows(out / f"{arms[0]}-s{seeds[0]}")
+    for arm in arms:
+        runs = {s: read_rows(out / f"{arm}-s{s}") for s in seeds}
+        a: dict = {}
+        for m in metrics:
+            base = [p for p in eval_curve(first, m) if p[0] == 0][:1]  # the shared evaluation of the base model
+            curves = [eval_curve(rows, m) for rows in runs.values() if rows]
+            curves = [c if c and c[0][0] == 0 else base + c for c in curves]
+            if not curves:
+                continue
+            points = []
+            for j in range(min(len(c) for c in curves)):
+                q = curves[0][j][0]
+                mean, ci = seed_mean_ci([c[j][1] for c in curves])
+                points.append((q, mean, ci))
+            a[m] = {"per_seed": curves, "mean": points}
+        divs = [diversity_at_end(out / f"{arm}-s{s}") for s in seeds]
+        divs = [d for d in divs if d]
+        if divs:
+            a["diversity_end"] = {k: seed_mean_ci([d[k] for d in divs]) for k in ("position_spread", "pixel_distance")}
+        res["arms"][arm] = a
+    # reward queries each arm needs to reach plain DDPO's final evaluation value (mean over DDPO's seeds)
+    for m in metrics:
+        if m not in res["arms"].get("ddpo", {}):
+            continue
+        target = res["arms"]["ddpo"][m]["mean"][-1][1]
+        for arm in arms:
+            if m not in res["arms"][arm]:
+                continue
+            hits = [reach(c, target) for c in res["arms"][arm][m]["per_seed"]]
+            got = [h for h in hits if h is not None]
+            res["arms"][arm][m]["reach_target"] = target
+            res["arms"][arm][m]["reach"] = {"reached": len(got), "of": len(hits),
+                                            "queries": seed_mean_ci(got) if got else None}  # fmt: skip
+    return res
+
+
+def markdown(res: dict) -> str:
+    lines = []
+    for m in res["metrics"]:
+        lines += [f"### {m}", "", "| arm | start | end | change | queries to reach DDPO's final (reached/seeds) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for arm, a in res["arms"].items():
+            if m not in a:
+                continue
+            (_, s, sc), (q1, e, ec) = a[m]["mean"][0], a[m]["mean"][-1]
+            per = [c[-1][1] - c[0][1] for c in a[m]["per_seed"]]
+            ch, chc = seed_mean_ci(per)
+            r = a[m].get("reach", {})
+            rq = r.get("queries")
+            reach_txt = (f"{rq[0]:.0f} ± {rq[1]:.0f} ({r['reached']}/{r['of']})" if rq else f"never ({0}/{r.get('of', 0)})")
+            lines.append(f"| {arm} | {s:.3f} ± {sc:.3f} | {e:.3f} ± {ec:.3f} (at {q1} queries) | {ch:+.3f} ± {chc:.3f} | {reach_txt} |")
+        lines.append("")
+    if any("diversity_end" in a for a in res["arms"].values()):
+        lines += ["### diversity of the final policy (first evaluation set)", "",
+                  "| arm | position spread (px) | pixel distance |", "|---|---|---|"]  # fmt: skip
+        for arm, a in res["arms"].items():
+            d = a.get("diversity_end")
+            if d:
+                (p, pc), (x, xc) = d["position_spread"], d["pixel_distance"]
+                lines.append(f"| {arm} | {p:.2f} ± {pc:.2f} | {x:.3f} ± {xc:.3f} |")
+    lines.append("\n(± is the 95% CI over seeds, Student t.)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = res["metrics"]
+    fig, axes = plt.subplots(1, len(ms), figsize=(5.5 * len(ms), 4), dpi=100, squeeze=False)
+    for ax, m in zip(axes[0], ms):
+        for arm, a in res["arms"].items():
+            if m in a:
+                q, y, c = zip(*a[m]["mean"])
+                ax.errorbar(q, y, yerr=c, marker="o", capsize=3, label=arm)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("reward queries (training images scored)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("evaluation: mean over seeds, 95% CI", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--config", default="shapes")
+    ap.add_argument("--set", dest="common", action="append", default=[], help="override for every arm")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--metrics", default="eval_shapes_full,eval_shapes_pairs_heldout_shapes_full,eval_reward")
+    ap.add_argument("--analyse-only", action="store_true")
+    args = ap.parse_args()
+
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.analyse_only:
+        # Every run starts from the same base model and evaluates with the same prompts and noise, so the
+        # evaluation before the first update is identical: only the first run computes it.
+        specs = [RunSpec(f"{arm}-s{s}", args.config, args.common + ARMS[arm] + [f"train.seed={s}"]
+                         + ([] if (arm, s) == (arms[0], seeds[0]) else ["eval.at_start=false"]))
+                 for s in seeds for arm in arms]  # fmt: skip
+        launch_all(specs, args.out, args.parallel, args.threads)
+    res = analyse(args.out, arms, seeds, args.metrics.split(","))
+    res["protocol"] = {"config": args.config, "common": args.common, "arms": {a: ARMS[a] for a in arms}, "seeds": seeds}
+    (args.out / "study.json").write_text(json.dumps(res, indent=1))
+    md = f"protocol: `--config {args.config} {' '.join('--set ' + c for c in args.common)}`, seeds {seeds}\n\n" + markdown(res)
+    (args.out / "study.md").write_text(md)
+    plot(res, args.out / "study.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
