@@ -241,6 +241,9 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: int = Field(5, ge=0, description="Evaluate every N epochs and before the first update (0: never).")
+    at_start: bool = Field(
+        True, description="Evaluate before the first update (studies skip it for runs that share one base model)."
+    )
     images_per_prompt: int = Field(2, ge=1, description="Evaluation images per evaluation prompt.")
     max_prompts: int = Field(8, ge=1, description="At most this many evaluation prompts (the first ones).")
     seed: int = Field(12345, description="Fixed seed of evaluation noise, the same for every evaluation.")

@@ -130,6 +130,8 @@ class Trainer:
         return row
 
     def _eval_due(self, epoch: int) -> bool:
+        if epoch == 0 and not self.cfg.eval.at_start:
+            return False
         return self.cfg.eval.every > 0 and epoch % self.cfg.eval.every == 0
 
     def checkpoint(self) -> None:
