@@ -1,7 +1,7 @@
 """Seconds per epoch (sample / reward / learn), samples per second and peak memory.
 
 Runs one workload three ways and prints a table:
-  local   a plain single-process loop through the same classes (no Ray), torch on all cores
+  local   the local backend (cluster.backend=local: one process, no Ray), torch on all cores
   ray-s0  the Ray system, replay.max_staleness=0 (strictly on-policy)
   ray-s1  the Ray system, replay.max_staleness=1 (sampling overlaps learning)
 
@@ -42,38 +42,24 @@ def peak_rss_mb() -> float:
 
 
 def run_local(cfg, threads: int) -> tuple[list[dict], float]:
-    import numpy as np
-    import torch
+    """The local backend (one process, no Ray) through the same epoch loop as the Ray runs."""
+    from learner.local import LocalSystem
+    from learner.loop import Trainer
+    from learner.run_dir import RunDir
 
-    from common.prompts import load_prompts
-    from common.rollouts import RolloutGenerator, sample_seeds
-    from learner.ddpo import DDPOLearner
-    from learner.driver import epoch_prompts
-    from rewards.combined import WeightedReward
-
-    torch.set_num_threads(threads)
-    gen, learner, reward = RolloutGenerator(cfg), DDPOLearner(cfg), WeightedReward(cfg.reward)
-    prompts = load_prompts(cfg.prompts.train)
-    rows = []
-    for e in range(cfg.train.epochs):
-        t0 = time.perf_counter()
-        gen.set_weights(*learner.weights())
-        n = cfg.train.samples_per_epoch
-        batch = gen.generate(epoch_prompts(prompts, cfg.train.seed, e, n, cfg.train.prompts_per_epoch), sample_seeds(cfg.train.seed, e, n))
-        t1 = time.perf_counter()
-        batch.rewards = reward(batch.images_float(), batch.prompts)[0]
-        t2 = time.perf_counter()
-        m = learner.train(batch)
-        t3 = time.perf_counter()
-        rows.append({"time_sample": t1 - t0, "time_reward": t2 - t1, "time_learn": t3 - t2, "time_epoch": t3 - t0,
-                     "reward_mean": float(np.mean(batch.rewards.numpy())), "logprob_mismatch": m["logprob_mismatch"]})
-    return rows, peak_rss_mb()
+    cfg = cfg.model_copy(deep=True)
+    cfg.cluster.backend, cfg.cluster.local_torch_threads = "local", threads
+    run_dir = RunDir(Path(tempfile.mkdtemp(prefix="bench-local-")))
+    run_dir.create(cfg)
+    rows = Trainer(cfg, run_dir, LocalSystem(cfg), log=lambda *_: None).fit()
+    return [r for r in rows if not r.get("final_eval")], peak_rss_mb()
 
 
 def run_ray(cfg) -> tuple[list[dict], float]:
     import ray
 
-    from learner.driver import RaySystem, Trainer
+    from learner.driver import RaySystem
+    from learner.loop import Trainer
     from learner.main import init_ray, preflight
     from learner.run_dir import RunDir
 

@@ -62,3 +62,13 @@ def test_every_field_has_a_description():
 
     missing = [n for n, d in walk(RunConfig) if not d]
     assert missing == []
+
+
+def test_local_backend_cannot_sample_ahead():
+    from common.config import ConfigError, load_config
+
+    assert load_config("tiny", ["cluster.backend=local"]).cluster.backend == "local"
+    with pytest.raises(ConfigError, match="replay.max_staleness must be 0 with cluster.backend=local"):
+        load_config("tiny", ["cluster.backend=local", "replay.max_staleness=1"])
+    with pytest.raises(ConfigError, match="cluster.backend"):
+        load_config("tiny", ["cluster.backend=slurm"])
