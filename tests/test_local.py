@@ -25,3 +25,20 @@ def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg
     lora, _state, counters = run.load_checkpoint(run.latest_checkpoint())
     assert counters == {"epoch": 3, "reward_queries": 24, "policy_version": 3}
     assert system.learner.checksum() == lora_checksum(lora)
+
+
+def test_the_local_path_never_imports_ray():
+    """GPU boxes without Ray run bench/study.py and `--set cluster.backend=local` through these modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from common.config import load_config\n"
+        "from learner.main import make_system\n"
+        "import bench.study, bench.sweep, bench.grad_snr\n"
+        "make_system(load_config('tiny', ['cluster.backend=local', 'sampling.num_steps=2']))\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
