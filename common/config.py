@@ -140,8 +140,13 @@ class AlgorithmConfig(_Strict):
         return v
 
     name: Literal["ddpo"] = Field("ddpo", description="Training algorithm.")
-    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="adamw (DDPO's choice) or sgd with momentum adam_betas[0]. AdamW moves every LoRA weight by "
+        "~learning_rate per step whatever its gradient's size; SGD's steps follow the gradient's size.",
+    )
+    learning_rate: float = Field(3e-4, gt=0, description="Learning rate of the LoRA weights.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (sgd: momentum = the first).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip before each optimizer step.")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (DDPO uses 1e-4).")

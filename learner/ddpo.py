@@ -47,7 +47,12 @@ class DDPOLearner:
         self.uncond = Conditioner(self.parts).empty
         self.params = [p for n, p in self.parts.unet.named_parameters() if "lora_" in n]
         a = cfg.algorithm
-        self.optimizer = torch.optim.AdamW(self.params, lr=a.learning_rate, betas=a.adam_betas, weight_decay=a.weight_decay)
+        if a.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=a.learning_rate, momentum=a.adam_betas[0],
+                                             weight_decay=a.weight_decay)  # fmt: skip
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=a.learning_rate, betas=a.adam_betas,
+                                               weight_decay=a.weight_decay)  # fmt: skip
         self.tracker = PerPromptStatTracker(a.stat_tracking.buffer_size, a.stat_tracking.min_count)
         self.version = 0
         self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)

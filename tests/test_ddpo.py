@@ -104,3 +104,23 @@ def test_timestep_window_config():
     assert load_config("tiny", ["algorithm.timestep_window=[0,0.5]"]).derived()["trained_timesteps_per_sample"] == 10
     with pytest.raises(ConfigError, match="algorithm.timestep_window: must be"):
         load_config("tiny", ["algorithm.timestep_window=[0.5,0.5]"])
+
+
+def test_sgd_optimizer_follows_the_gradient_size(tiny_cfg, scored_batch):
+    """AdamW's first step moves every weight with a gradient by ~lr (sign-like); SGD's steps scale with
+    each gradient, so their sizes spread over orders of magnitude."""
+    spread = {}
+    for name in ("adamw", "sgd"):
+        cfg = tiny_cfg.model_copy(deep=True)
+        cfg.algorithm.optimizer, cfg.algorithm.learning_rate, cfg.algorithm.weight_decay = name, 0.1, 0.0
+        cfg.algorithm.gradient_accumulation = 4  # one optimizer step for the batch of 8
+        cfg.algorithm.minibatch_size = 2
+        learner = DDPOLearner(cfg)
+        before = [p.detach().clone() for p in learner.params]
+        m = learner.train(scored_batch)
+        assert m["logprob_mismatch"] < 1e-4
+        moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(learner.params, before)]).abs()
+        moved = moved[moved > 0]
+        spread[name] = float(moved.median() / moved.max())
+    assert isinstance(DDPOLearner(cfg).optimizer, torch.optim.SGD)
+    assert spread["adamw"] > 0.5 and spread["sgd"] < 0.2, spread
