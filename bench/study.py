@@ -116,7 +116,12 @@ def markdown(res: dict) -> str:
             ch, chc = seed_mean_ci(per)
             r = a[m].get("reach", {})
             rq = r.get("queries")
-            reach_txt = (f"{rq[0]:.0f} ± {rq[1]:.0f} ({r['reached']}/{r['of']})" if rq else f"never ({0}/{r.get('of', 0)})")
+            if a[m].get("reach_target", float("inf")) <= s:
+                reach_txt = "n/a: DDPO's final is not above the base model"
+            elif rq:
+                reach_txt = f"{rq[0]:.0f} ± {rq[1]:.0f} ({r['reached']}/{r['of']})"
+            else:
+                reach_txt = f"never (0/{r.get('of', 0)})"
             lines.append(f"| {arm} | {s:.3f} ± {sc:.3f} | {e:.3f} ± {ec:.3f} (at {q1} queries) | {ch:+.3f} ± {chc:.3f} | {reach_txt} |")
         lines.append("")
     if any("diversity_end" in a for a in res["arms"].values()):
