@@ -46,9 +46,11 @@ def reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
 
 
 def diversity_at_end(run: Path) -> dict[str, float]:
-    """Mean per-prompt diversity of the final evaluation images of the first evaluation set."""
+    """Mean per-prompt diversity of the final evaluation images of the first evaluation set, and the
+    fraction of those images with an extra object (recomputed here, so every run is measured alike)."""
     import torch
 
+    from common.shapes.detect import extra_objects
     from common.shapes.diversity import mean_diversity, prompt_diversity
     from learner.run_dir import RunDir
 
@@ -61,7 +63,9 @@ def diversity_at_end(run: Path) -> dict[str, float]:
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
     per = [prompt_diversity(images[torch.tensor(ix)], p) for p, ix in groups.items() if len(ix) >= 2]
-    return mean_diversity(per) if per else {}
+    if not per:
+        return {}
+    return {**mean_diversity(per), "extra_objects": float(extra_objects(images, prompts).mean())}
 
 
 def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
@@ -85,7 +89,8 @@ def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) ->
         divs = [diversity_at_end(out / f"{arm}-s{s}") for s in seeds]
         divs = [d for d in divs if d]
         if divs:
-            a["diversity_end"] = {k: seed_mean_ci([d[k] for d in divs]) for k in ("position_spread", "pixel_distance")}
+            keys = ("position_spread", "pixel_distance", "extra_objects")
+            a["diversity_end"] = {k: seed_mean_ci([d[k] for d in divs]) for k in keys}
         res["arms"][arm] = a
     # reward queries each arm needs to reach plain DDPO's final evaluation value (mean over DDPO's seeds)
     for m in metrics:
@@ -125,13 +130,13 @@ def markdown(res: dict) -> str:
             lines.append(f"| {arm} | {s:.3f} ± {sc:.3f} | {e:.3f} ± {ec:.3f} (at {q1} queries) | {ch:+.3f} ± {chc:.3f} | {reach_txt} |")
         lines.append("")
     if any("diversity_end" in a for a in res["arms"].values()):
-        lines += ["### diversity of the final policy (first evaluation set)", "",
-                  "| arm | position spread (px) | pixel distance |", "|---|---|---|"]  # fmt: skip
+        lines += ["### the final policy's images (first evaluation set): diversity and extra objects", "",
+                  "| arm | position spread (px) | pixel distance | images with an extra object |", "|---|---|---|---|"]  # fmt: skip
         for arm, a in res["arms"].items():
             d = a.get("diversity_end")
             if d:
-                (p, pc), (x, xc) = d["position_spread"], d["pixel_distance"]
-                lines.append(f"| {arm} | {p:.2f} ± {pc:.2f} | {x:.3f} ± {xc:.3f} |")
+                (p, pc), (x, xc), (e, ec) = d["position_spread"], d["pixel_distance"], d["extra_objects"]
+                lines.append(f"| {arm} | {p:.2f} ± {pc:.2f} | {x:.3f} ± {xc:.3f} | {e:.3f} ± {ec:.3f} |")
     lines.append("\n(± is the 95% CI over seeds, Student t.)")
     return "\n".join(lines) + "\n"
 
@@ -142,9 +147,11 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = res["metrics"]
-    fig, axes = plt.subplots(1, len(ms), figsize=(5.5 * len(ms), 4), dpi=100, squeeze=False)
-    for ax, m in zip(axes[0], ms):
+    ms = res["metrics"][:4]
+    cols = min(2, len(ms))
+    rows = (len(ms) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), dpi=100, squeeze=False)
+    for ax, m in zip(axes.flat, ms):
         for arm, a in res["arms"].items():
             if m in a:
                 q, y, c = zip(*a[m]["mean"])
@@ -168,7 +175,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--metrics", default="eval_shapes_full,eval_shapes_pairs_heldout_shapes_full,eval_reward")
+    ap.add_argument("--metrics", default="eval_shapes_full,eval_shapes_pairs_heldout_shapes_full,eval_reward,"
+                    "eval_shapes_pairs_heldout_reward,eval_shapes_colours,eval_shapes_shapes,eval_shapes_relation",
+                    help="evaluation metrics to tabulate; the first four are plotted")
     ap.add_argument("--analyse-only", action="store_true")
     args = ap.parse_args()
 

@@ -40,5 +40,5 @@ def test_the_local_path_never_imports_ray():
         "make_system(load_config('tiny', ['cluster.backend=local', 'sampling.num_steps=2']))\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
