@@ -57,7 +57,7 @@ class RewardActor:
             done += len(got)
         return {"items": done, "samples": samples, "time_reward": t_busy}
 
-    def score_batch(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(rewards [B], components [B] by name) of training or evaluation images, in calls of at most
-        reward.batch_size images."""
-        return score_in_batches(self.reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size)
+    def score_batch(self, batch: TrajectoryBatch, details: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(rewards [B], per-term scores [B] by name, plus components with `details`) of training or
+        evaluation images, in calls of at most reward.batch_size images."""
+        return score_in_batches(self.reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, details)

@@ -42,7 +42,6 @@ ONLY_WEIGHTS = ["exploration.enabled=true", "exploration.cfg_schedule={kind: con
 
 def measure(overrides: list[str], prompts: list[str], per_prompt: int, seed: int) -> dict:
     import numpy as np
-    import torch
 
     from common.config import load_config
     from common.rollouts import RolloutGenerator, sample_seeds
@@ -55,7 +54,7 @@ def measure(overrides: list[str], prompts: list[str], per_prompt: int, seed: int
     t0 = time.perf_counter()
     batch = gen.generate(ps, sample_seeds(seed, 0, len(ps)), explore=True)
     images = batch.images_float()
-    reward, parts = WeightedReward(cfg.reward)(images, ps)
+    reward, parts = WeightedReward(cfg.reward)(images, ps, details=True)
     r = reward.view(len(prompts), per_prompt).numpy()
     full = parts["shapes/full"].view(len(prompts), per_prompt).numpy()
     div = mean_diversity([prompt_diversity(images[i * per_prompt : (i + 1) * per_prompt], p) for i, p in enumerate(prompts)])
@@ -71,7 +70,6 @@ def measure(overrides: list[str], prompts: list[str], per_prompt: int, seed: int
         "n": int(r.size),
         "seconds": time.perf_counter() - t0,
         "_se_reward": float(np.std(r) / np.sqrt(r.size)),
-        "_torch_threads": torch.get_num_threads(),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,8 +46,6 @@ def launch_all(specs: list[RunSpec], out: Path, parallel: int, threads: int, log
             s = todo.pop(0)
             d = out / s.name
             if d.exists():  # an unfinished earlier attempt: start it over
-                import shutil
-
                 shutil.rmtree(d)
             cmd = [sys.executable, "-m", "learner.main", "--config", s.config, "--output", str(d),
                    "--set", "cluster.backend=local", "--set", f"cluster.local_torch_threads={threads}",

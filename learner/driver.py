@@ -112,7 +112,7 @@ class RaySystem:
             if n:
                 futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n]))
             start += n
-        scores = ray.get([self.rewarders[i % len(self.rewarders)].score_batch.remote(f) for i, f in enumerate(futs)])
+        scores = ray.get([self.rewarders[i % len(self.rewarders)].score_batch.remote(f, True) for i, f in enumerate(futs)])
         batches = ray.get(futs)
         versions = {b.policy_version for b in batches}
         if len(versions) != 1:

@@ -19,13 +19,16 @@ class WeightedReward:
         self.terms = [(t.name, t.weight, build_reward(t.name, **t.options)) for t in cfg.terms]
         self.differentiable = all(r.differentiable for _, _, r in self.terms)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total reward [B] and, by name, each term's raw score [B] and its components [B] as
-        "term/component" (for rewards with `score_details`); raises NonFiniteRewardError on NaN/inf."""
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], details: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total reward [B] and, by name, each term's raw score [B]; with `details` also the components [B]
+        of rewards that have `score_details`, as "term/component" (evaluation logs them; training needs
+        only the score). Raises NonFiniteRewardError on NaN/inf."""
         total = torch.zeros(images.shape[0])
         parts = {}
         for name, weight, fn in self.terms:
-            if hasattr(fn, "score_details"):
+            if details and hasattr(fn, "score_details"):
                 score, details = fn.score_details(images, prompts)
                 parts.update({f"{name}/{k}": v.detach().float().cpu() for k, v in details.items()})
             else:
@@ -45,12 +48,12 @@ class WeightedReward:
 
 
 def score_in_batches(
-    reward: WeightedReward, images: torch.Tensor, prompts: list[str], batch_size: int
+    reward: WeightedReward, images: torch.Tensor, prompts: list[str], batch_size: int, details: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`reward` over images float [N, 3, H, W] in calls of at most `batch_size`: (total [N], parts [N] each)."""
     totals, parts = [], {}
     for i in range(0, images.shape[0], batch_size):
-        total, p = reward(images[i : i + batch_size], prompts[i : i + batch_size])
+        total, p = reward(images[i : i + batch_size], prompts[i : i + batch_size], details)
         totals.append(total)
         for k, v in p.items():
             parts.setdefault(k, []).append(v)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from common.shapes.detect import extra_objects, score_scenes
-from common.shapes.scenes import parse_caption
 from rewards.registry import register_reward
 
 
@@ -33,8 +32,7 @@ class ShapesReward:
         with torch.no_grad():
             s = score_scenes(images, prompts, soft=False)
             d0, d1 = s.detections
-            pair = torch.tensor([len(parse_caption(p).objects) == 2 for p in prompts])
-            colours = torch.where(pair, d0.found * d1.found, d0.found)
+            colours = d0.found * d1.found  # a single object fills both slots, so this is d0.found there
             details = {"full": s.objects_ok * s.relation_ok, "colours": colours, "shapes": s.objects_ok,
                        "relation": s.relation_ok, "extra": extra_objects(images, prompts)}  # fmt: skip
         return s.score.float(), {k: v.float() for k, v in details.items()}
