@@ -52,7 +52,7 @@ def main() -> None:
                                     "algorithm.stat_tracking.per_prompt=true", f"algorithm.stat_tracking.min_count={n // args.groups}",
                                     f"algorithm.stat_tracking.buffer_size={n // args.groups}"] + args.overrides)  # fmt: skip
     learner = DDPOLearner(cfg)
-    gen = RolloutGenerator(cfg, parts=learner.parts)
+    gen = RolloutGenerator(cfg, model=learner.model)
     reward = WeightedReward(cfg.reward)
     prompts = epoch_prompts(load_prompts(cfg.prompts.train), 0, 0, n, args.groups)
     t0 = time.perf_counter()

@@ -74,6 +74,11 @@ class SamplingConfig(_Strict):
         5.0, ge=1.0, description="Constant CFG scale used when exploration is off, and for evaluation."
     )
     batch_size: int = Field(8, ge=1, description="Images per UNet batch inside a sampler.")
+    resolution: int | tuple[int, int] | None = Field(
+        None,
+        description="Image size: one int (square) or [height, width]; null means the model's native size "
+        "(512 for SD1.x, 1024 for SDXL, 64 for tiny and shapes-base). Must suit the VAE and UNet downsampling.",
+    )
 
 
 class CfgScheduleConfig(_Strict):
@@ -168,6 +173,17 @@ class AlgorithmConfig(_Strict):
     )
     timestep_chunk: int = Field(
         0, ge=0, description="Timesteps per UNet forward in training (0 = all at once; lower to save memory)."
+    )
+    max_unet_batch: int = Field(
+        0,
+        ge=0,
+        description="Memory bound of the update: at most this many images per UNet call, counting both halves "
+        "of each CFG pair (so a minibatch of 8 samples x 10 timesteps is 160). 0 = no bound. The (sample, "
+        "timestep) pairs of a minibatch are split into calls of at most max_unet_batch / 2; the gradient is "
+        "the same (DDPO's loss is a sum over them).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute UNet activations in the backward pass: much less memory, ~30% more time."
     )
     stat_tracking: StatTrackerConfig = Field(default_factory=StatTrackerConfig)
 

@@ -137,9 +137,11 @@ def tokenize_weighted(tokenizer, wp: WeightedPrompt) -> tuple[list[int], list[fl
 def apply_token_weights(z: torch.Tensor, z_empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Compel-style re-weighting z' = z_empty + w (z - z_empty) per token.
 
-    z [B, L, D] prompt embeddings, z_empty [L, D] or [B, L, D] empty-prompt embeddings, weights [B, L].
+    z [B, L, D] prompt embeddings, z_empty [L, D] or [B, L, D] empty-prompt embeddings, weights [B, L];
+    tokens of weight 1 keep z exactly.
     """
-    return z_empty + weights.unsqueeze(-1).to(z.dtype) * (z - z_empty)
+    w = weights.unsqueeze(-1).to(z.dtype)
+    return torch.where(w == 1.0, z, z_empty + w * (z - z_empty))  # unweighted tokens stay bit-exact
 
 
 @dataclass

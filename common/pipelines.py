@@ -1,19 +1,18 @@
 """Loading diffusion pipelines by name, hub id or local path, and their LoRA adapter.
 
-One small interface, `DiffusionParts`, is all the algorithm code sees: the
-frozen modules, the DDIM scheduler, and a few helpers (encode token ids,
-decode latents to images in [0, 1]). SD1.x/2.x checkpoints, the built-in
-random `tiny` model and the trained `shapes-base` testbed model all go
-through `load_pipeline`, i.e. through `from_pretrained` of a saved directory.
+`load_model` reads the pipeline class from `model_index.json`, loads the pipeline with a DDIM
+scheduler and wraps it in its `DiffusionModel` family (common/models): all the algorithm code sees.
+SD1.x/2.x and SDXL checkpoints, the built-in random `tiny` and `tiny-sdxl` models and the trained
+`shapes-base` testbed model all go through the same `from_pretrained` path of a saved directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,21 +20,17 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from common.config import LoraConfig, ModelConfig
+from common.models import DiffusionModel, ModelLoadError, model_class
 
 ASSET_DIR = Path(__file__).parent / "assets"
 BUILTIN_DIRS = {"shapes-base": ASSET_DIR / "shapes_base"}
-BUILTIN_NAMES = ["tiny", *BUILTIN_DIRS]
+BUILTIN_NAMES = ["tiny", "tiny-sdxl", *BUILTIN_DIRS]
 
 # Every trainable linear/conv of a small UNet: the tiny random UNet barely responds to attention-only LoRA.
 ALL_UNET_MODULES = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "time_emb_proj", "linear_1", "linear_2", "conv_in", "conv_out", "conv",
 ]  # fmt: skip
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded, worded as one line naming the fix."""
-
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,7 +72,52 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )  # fmt: skip
 
 
-def _atomic_save(pipe: StableDiffusionPipeline, target: Path) -> None:
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """A complete StableDiffusionXLPipeline with random weights from `seed`, shaped like SDXL at toy size.
+
+    Two CLIP text encoders (the second with a projection, as SDXL's OpenCLIP bigG), a UNet whose
+    cross-attention takes both encoders' states concatenated and whose `text_time` addition embedding
+    takes the pooled text embedding plus six size/crop ids; 64x64 images, 8x8x4 latents.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from common.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(model_max_length=32)
+    tokenizer_2 = build_clip_tokenizer(model_max_length=32)
+    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!" rather than end-of-text
+    common = dict(vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=32, hidden_act="gelu")  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, projection_dim=48, **common))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 64, attention_head_dim=(2, 4), norm_num_groups=16, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 48,
+        transformer_layers_per_block=(1, 2),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=16, sample_size=64, scaling_factor=0.13025, force_upcast=True,
+    )  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
+
+
+BUILTIN_BUILDERS = {"tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl_pipeline}
+
+
+def _atomic_save(pipe, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -90,10 +130,10 @@ def _atomic_save(pipe: StableDiffusionPipeline, target: Path) -> None:
 def resolve_model_path(cfg: ModelConfig) -> str:
     """A directory or hub id that `from_pretrained` can load for `cfg.pretrained`."""
     name = cfg.pretrained
-    if name == "tiny":
-        path = cache_dir() / f"tiny-seed{cfg.tiny_seed}"
+    if name in BUILTIN_BUILDERS:
+        path = cache_dir() / f"{name}-seed{cfg.tiny_seed}"
         if not (path / "model_index.json").is_file():
-            _atomic_save(build_tiny_pipeline(cfg.tiny_seed), path)
+            _atomic_save(BUILTIN_BUILDERS[name](cfg.tiny_seed), path)
         return str(path)
     if name in BUILTIN_DIRS:
         path = BUILTIN_DIRS[name]
@@ -116,9 +156,23 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return name
 
 
-def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
-    """Load the pipeline of `cfg` with a DDIM scheduler, frozen, in eval mode, on the CPU."""
-    source = resolve_model_path(cfg)
+def pipeline_class_name(source: str, revision: str | None = None) -> str:
+    """`_class_name` of the pipeline saved at `source` (a directory or hub id), from its model_index.json."""
+    local = Path(source) / "model_index.json"
+    try:
+        if local.is_file():
+            return str(json.loads(local.read_text())["_class_name"])
+        from diffusers import DiffusionPipeline
+
+        return str(DiffusionPipeline.load_config(source, revision=revision)["_class_name"])
+    except (OSError, KeyError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set: download it first or give a local path)" if offline else ""
+        first = str(err).splitlines()[0] if str(err) else repr(err)
+        raise ModelLoadError(f"model.pretrained={source!r}: no readable model_index.json{hint}: {first}") from None
+
+
+def _quiet_libraries() -> None:
     import diffusers
     import transformers
 
@@ -126,60 +180,39 @@ def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def load_pipeline(cfg: ModelConfig):
+    """Load the diffusers pipeline of `cfg` (its class from model_index.json) with a DDIM scheduler, frozen,
+    in eval mode, on the CPU. An unsupported pipeline class raises ModelLoadError naming the supported ones."""
+    source = resolve_model_path(cfg)
+    class_name = pipeline_class_name(source, cfg.revision)
+    family = model_class(class_name)
+    import diffusers
+
+    _quiet_libraries()
     # diffusers renamed torch_dtype to dtype in 0.36; keep both working.
     new_api = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 36)
     dtype_kw = {"dtype" if new_api else "torch_dtype": _DTYPES[cfg.dtype]}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, revision=cfg.revision, safety_checker=None, requires_safety_checker=False, **dtype_kw
-        )
+        pipe = getattr(diffusers, class_name).from_pretrained(source, revision=cfg.revision, **family.load_kwargs, **dtype_kw)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: download it first or give a local path)" if offline else ""
         raise ModelLoadError(f"model.pretrained={source!r}: could not be loaded{hint}: {str(err).splitlines()[0]}")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
     return pipe
 
 
-@dataclass
-class DiffusionParts:
-    """The frozen modules of a pipeline and the few operations the algorithms need."""
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: object
-    scheduler: DDIMScheduler
-
-    @classmethod
-    def from_pipeline(cls, pipe: StableDiffusionPipeline) -> DiffusionParts:
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
-
-    @property
-    def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """[C, h, w] of one latent."""
-        s = self.unet.config.sample_size
-        return (self.unet.config.in_channels, s, s)
-
-    @torch.no_grad()
-    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, L] -> per-token text embeddings [B, L, D] (float32)."""
-        out = self.text_encoder(input_ids.to(self.text_encoder.device))[0]
-        return out.float()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1]."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+def load_model(cfg: ModelConfig, resolution=None) -> DiffusionModel:
+    """The model of `cfg` behind the DiffusionModel interface, at `resolution` (None: its native size)."""
+    pipe = load_pipeline(cfg)
+    return model_class(type(pipe).__name__)(pipe, resolution)
 
 
 def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> None:
@@ -190,7 +223,7 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> None:
     full = {n for n, _ in unet.named_modules()}
     unmatched = [t for t in cfg.target_modules if t not in names and not any(f.endswith("." + t) for f in full)]
     if unmatched:
-        raise ModelLoadError(f"lora.target_modules: {unmatched} match no UNet module; e.g. to_q, to_k, to_v, to_out.0")
+        raise ModelLoadError(f"lora.target_modules: {unmatched} match no UNet module of this model; e.g. to_q, to_k, to_v, to_out.0")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
         unet.add_adapter(
@@ -203,13 +236,13 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> None:
             p.requires_grad_(True)
 
 
-def load_policy(model: ModelConfig, lora: LoraConfig, device: str = "cpu") -> DiffusionParts:
-    """The frozen pipeline plus a fresh LoRA adapter, on `device`: what samplers and the learner hold."""
-    pipe = load_pipeline(model)
-    attach_lora(pipe.unet, lora)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+def load_policy(model: ModelConfig, lora: LoraConfig, device: str = "cpu", resolution=None) -> DiffusionModel:
+    """The frozen model plus a fresh LoRA adapter, on `device`: what samplers and the learner hold."""
+    m = load_model(model, resolution)
+    attach_lora(m.unet, lora)
+    for module in m.modules:
         module.to(device)
-    return DiffusionParts.from_pipeline(pipe)
+    return m
 
 
 def lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
@@ -237,18 +270,21 @@ def lora_checksum(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_lora_diffusers(unet: UNet2DConditionModel, directory: str | Path) -> None:
-    """Write the LoRA in diffusers format: `pipe.load_lora_weights(directory)` loads it."""
+def unet_lora_export(unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """The UNet's LoRA as diffusers loads it natively, and its adapter metadata (so alpha != rank loads right).
+
+    peft's own key names (lora_A/lora_B) are what diffusers loads; its old-format conversion renames
+    attention layers only, which would leave a mixed, unloadable file.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    # peft's own key names (lora_A/lora_B) are what diffusers loads natively; its old-format
-    # conversion renames attention layers only, which would leave a mixed, unloadable file.
-    layers = get_peft_model_state_dict(unet)
+    layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     meta = unet.peft_config["default"].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    try:
-        StableDiffusionPipeline.save_lora_weights(
-            str(directory), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
-        )
-    except TypeError:  # older diffusers without adapter metadata: alpha must then equal rank
-        StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True)
+    return layers, meta
+
+
+def save_lora_diffusers(model: DiffusionModel, directory: str | Path) -> None:
+    """Write the LoRA in the model's own diffusers format: `pipe.load_lora_weights(directory)` loads it."""
+    layers, meta = unet_lora_export(model.unet)
+    model.save_lora_weights(directory, layers, meta)

@@ -12,7 +12,7 @@ import torch
 from common.config import RunConfig
 from common.exploration import plan_rollout
 from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state
-from common.sampling import Conditioner, sample_rollout
+from common.sampling import sample_rollout
 from common.trajectory import TrajectoryBatch
 
 
@@ -26,21 +26,20 @@ def sample_seeds(base_seed: int, epoch: int, count: int, offset: int = 0) -> lis
 class RolloutGenerator:
     """Samples trajectories with DiffExp exploration from the current LoRA policy."""
 
-    def __init__(self, cfg: RunConfig, device: str = "cpu", parts=None):
-        """`parts`: a loaded policy to share (the local backend samples with the learner's modules)."""
+    def __init__(self, cfg: RunConfig, device: str = "cpu", model=None):
+        """`model`: a loaded policy to share (the local backend samples with the learner's modules)."""
         self.cfg = cfg
-        self.parts = parts if parts is not None else load_policy(cfg.model, cfg.lora, device)
-        self.conditioner = Conditioner(self.parts)
+        self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
         self.version = 0
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
         """Load LoRA `state` as policy `version`; answer with the version and a checksum of what is now held."""
-        load_lora_state(self.parts.unet, state)
+        load_lora_state(self.model.unet, state)
         self.version = version
-        return version, lora_checksum(lora_state(self.parts.unet))
+        return version, lora_checksum(lora_state(self.model.unet))
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        return lora_state(self.parts.unet)
+        return lora_state(self.model.unet)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], explore: bool = True) -> TrajectoryBatch:
@@ -50,10 +49,10 @@ class RolloutGenerator:
         for i in range(0, len(prompts), s.batch_size):
             ps, ss = prompts[i : i + s.batch_size], seeds[i : i + s.batch_size]
             plans = [plan_rollout(p, sd, self.cfg.exploration, s.num_steps, s.guidance_scale, explore) for p, sd in zip(ps, ss)]
-            cond = self.conditioner.embeddings(plans)
+            cond = self.model.condition([p.weighted_prompt for p in plans])
             guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-            roll = sample_rollout(self.parts, cond, self.conditioner.empty, guidance, ss, s.num_steps, s.eta)
-            images = self.parts.decode(roll.latents[:, -1].to(self.parts.unet.device)).cpu()
+            roll = sample_rollout(self.model, cond, self.model.negative(), guidance, ss, s.num_steps, s.eta)
+            images = self.model.decode(roll.latents[:, -1].to(self.model.device)).cpu()
             out.append(
                 TrajectoryBatch(
                     prompts=list(ps), plans=[p.to_json() for p in plans], latents=roll.latents,

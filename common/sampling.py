@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.exploration import RolloutPlan, apply_token_weights, parse_prompt, tokenize_weighted
-from common.pipelines import DiffusionParts
+from common.models.base import Cond, DiffusionModel, cond_expand, cond_to
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -76,57 +75,25 @@ def ddim_step_with_logprob(
 
 
 def guided_noise_pred(
-    parts: DiffusionParts,
+    model: DiffusionModel,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
     scale: torch.Tensor,
 ) -> torch.Tensor:
     """Classifier-free guided prediction, one UNet call on [uncond; cond].
 
-    latents [N, C, h, w], timesteps [N], cond [N, L, D], uncond [N, L, D] or [L, D], scale [N].
-    Returns eps_u + scale * (eps_c - eps_u), [N, C, h, w] float32.
+    latents [N, C, h, w], timesteps [N], cond: each tensor [N, ...]; uncond: each [N, ...] or [1, ...];
+    scale [N]. Returns eps_u + scale * (eps_c - eps_u), [N, C, h, w] float32.
     """
     n = latents.shape[0]
-    if uncond.ndim == 2:
-        uncond = uncond.unsqueeze(0).expand(n, -1, -1)
-    dtype = parts.unet.dtype
-    out = parts.unet(
-        torch.cat([latents, latents]).to(dtype),
-        torch.cat([timesteps, timesteps]),
-        encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
-    ).sample.float()
+    device = latents.device
+    uncond = cond_expand(cond_to(uncond, device), n)
+    both = {k: torch.cat([uncond[k], v.to(device)]) for k, v in cond.items()}
+    out = model.predict(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
     eps_u, eps_c = out.chunk(2)
     return eps_u + scale.view(-1, 1, 1, 1).to(out.dtype) * (eps_c - eps_u)
-
-
-class Conditioner:
-    """Text conditioning for rollouts: plain embeddings cached per prompt, weights applied per rollout."""
-
-    def __init__(self, parts: DiffusionParts):
-        self.parts = parts
-        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
-        empty_ids, _ = tokenize_weighted(parts.tokenizer, parse_prompt(""))
-        self.empty = self._encode([empty_ids])[0]  # [L, D]
-
-    def _encode(self, id_lists: list[list[int]]) -> torch.Tensor:
-        missing = [ids for ids in {tuple(i) for i in id_lists} if ids not in self._cache]
-        if missing:
-            z = self.parts.encode_ids(torch.tensor(missing, dtype=torch.long)).cpu()
-            self._cache.update(zip(missing, z))
-            if len(self._cache) > 4096:  # bound memory on huge prompt sets
-                self._cache = dict(list(self._cache.items())[-2048:])
-        return torch.stack([self._cache[tuple(i)] for i in id_lists])
-
-    def embeddings(self, plans: list[RolloutPlan]) -> torch.Tensor:
-        """Conditioning [B, L, D] of each plan's (re-weighted) prompt."""
-        toks = [tokenize_weighted(self.parts.tokenizer, p.weighted_prompt) for p in plans]
-        z = self._encode([ids for ids, _ in toks])
-        w = torch.tensor([ws for _, ws in toks], dtype=torch.float32)
-        if torch.all(w == 1.0):
-            return z
-        return apply_token_weights(z, self.empty, w)
 
 
 @dataclass
@@ -149,26 +116,26 @@ def initial_noise(seeds: list[int], num_steps: int, shape: tuple[int, ...]) -> t
 
 @torch.no_grad()
 def sample_rollout(
-    parts: DiffusionParts,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    model: DiffusionModel,
+    cond: Cond,
+    uncond: Cond,
     guidance: torch.Tensor,
     seeds: list[int],
     num_steps: int,
     eta: float,
 ) -> Rollout:
     """DDIM-sample B latents with per-sample, per-step guidance [B, T], recording log-probs."""
-    sch = parts.scheduler
-    device = parts.unet.device
+    sch = model.scheduler
+    device = model.device
     ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
-    noise = initial_noise(seeds, num_steps, parts.latent_shape).to(device)
+    noise = initial_noise(seeds, num_steps, model.latent_shape).to(device)
     x = noise[:, 0]
     chain, logps = [x], []
-    cond, uncond, guidance = cond.to(device), uncond.to(device), guidance.to(device)
+    cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
     final = float(sch.final_alpha_cumprod)
     for i, t in enumerate(ts.tolist()):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        eps = guided_noise_pred(parts, x, tt, cond, uncond, guidance[:, i])
+        eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
         x, lp = ddim_step_with_logprob(
             sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
             noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
@@ -179,25 +146,25 @@ def sample_rollout(
 
 
 def recompute_logprobs(
-    parts: DiffusionParts,
+    model: DiffusionModel,
     latents: torch.Tensor,
     next_latents: torch.Tensor,
     timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
     scale: torch.Tensor,
     num_steps: int,
     eta: float,
 ) -> torch.Tensor:
     """Log-prob [N] of given transitions x_t -> x_{t-1} under the current UNet (with gradients).
 
-    latents, next_latents [N, C, h, w]; timesteps, scale [N]; cond [N, L, D]. N may mix
+    latents, next_latents [N, C, h, w]; timesteps, scale [N]; cond: each tensor [N, ...]. N may mix
     samples and timesteps freely: DDPO's loss is a sum over both, so they batch together.
     """
-    sch = parts.scheduler
-    device = parts.unet.device
+    sch = model.scheduler
+    device = model.device
     latents, next_latents = latents.to(device), next_latents.to(device)
-    eps = guided_noise_pred(parts, latents, timesteps.to(device), cond.to(device), uncond.to(device), scale.to(device))
+    eps = guided_noise_pred(model, latents, timesteps.to(device), cond, uncond, scale.to(device))
     _, lp = ddim_step_with_logprob(
         sch.alphas_cumprod, float(sch.final_alpha_cumprod), sch.config.num_train_timesteps, num_steps, eps,
         timesteps.to(device), latents, eta, prev_sample=next_latents, prediction_type=sch.config.prediction_type,

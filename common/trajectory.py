@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-_TENSORS = ("latents", "log_probs", "timesteps", "guidance", "cond", "images", "rewards")
+_TENSORS = ("latents", "log_probs", "timesteps", "guidance", "images", "rewards")
+_COND = "cond."  # conditioning tensors travel as cond.<name>
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -25,8 +26,9 @@ class TrajectoryBatch:
     """B rollouts of T DDIM steps.
 
     latents [B, T+1, C, h, w] float32 (x_T first); log_probs [B, T] float32 (sampler's);
-    timesteps [T] int64; guidance [B, T] float32 (per-step CFG scales used); cond [B, L, D]
-    float32 (the exact, possibly re-weighted, text conditioning); images [B, 3, H, W] uint8;
+    timesteps [T] int64; guidance [B, T] float32 (per-step CFG scales used); cond: the model's named
+    conditioning tensors, each [B, ...] float32 (the exact, possibly re-weighted, text conditioning: one
+    `prompt_embeds` for SD, plus `text_embeds` and `time_ids` for SDXL); images [B, 3, H, W] uint8;
     rewards [B] float32 once scored.
     """
 
@@ -36,7 +38,7 @@ class TrajectoryBatch:
     log_probs: torch.Tensor
     timesteps: torch.Tensor
     guidance: torch.Tensor
-    cond: torch.Tensor
+    cond: dict[str, torch.Tensor]
     images: torch.Tensor
     policy_version: int
     rewards: torch.Tensor | None = None
@@ -54,11 +56,14 @@ class TrajectoryBatch:
             "latents": (self.latents, (b, t + 1), torch.float32),
             "log_probs": (self.log_probs, (b, t), torch.float32),
             "guidance": (self.guidance, (b, t), torch.float32),
-            "cond": (self.cond, (b,), torch.float32),
             "images": (self.images, (b, 3), torch.uint8),
         }
         if self.rewards is not None:
             expect["rewards"] = (self.rewards, (b,), torch.float32)
+        if not isinstance(self.cond, dict) or not self.cond:
+            raise ValueError("trajectory field cond: expected a non-empty dict of named conditioning tensors")
+        for k, v in self.cond.items():
+            expect[f"cond.{k}"] = (v, (b,), torch.float32)
         for name, (x, prefix, dtype) in expect.items():
             if tuple(x.shape[: len(prefix)]) != prefix or x.dtype != dtype:
                 raise ValueError(f"trajectory field {name}: shape {tuple(x.shape)} {x.dtype}, expected {prefix}... {dtype}")
@@ -72,6 +77,7 @@ class TrajectoryBatch:
 
     def to_bytes(self) -> bytes:
         tensors = {k: getattr(self, k).contiguous() for k in _TENSORS if getattr(self, k) is not None}
+        tensors.update({_COND + k: v.contiguous() for k, v in self.cond.items()})
         meta = {
             "prompts": self.prompts,
             "plans": self.plans,
@@ -96,6 +102,9 @@ class TrajectoryBatch:
         except Exception as err:  # noqa: BLE001 - any parse failure of untrusted bytes is the same error
             raise ValueError(f"trajectory bytes: malformed ({err.__class__.__name__}: {err})") from None
         missing = [k for k in _TENSORS if k != "rewards" and k not in tensors]
+        cond = {k[len(_COND) :]: v for k, v in tensors.items() if k.startswith(_COND)}
+        if not cond:
+            missing.append(_COND + "*")
         if missing:
             raise ValueError(f"trajectory bytes: missing tensors {missing}")
         return cls(
@@ -104,6 +113,7 @@ class TrajectoryBatch:
             policy_version=int(meta["policy_version"]),
             batch_id=str(meta["batch_id"]),
             evaluation=bool(meta.get("evaluation", False)),
+            cond=cond,
             **{k: tensors.get(k) for k in _TENSORS},
         ).validate()
 
@@ -118,7 +128,8 @@ class TrajectoryBatch:
             prompts=[p for b in batches for p in b.prompts],
             plans=[p for b in batches for p in b.plans],
             latents=cat("latents"), log_probs=cat("log_probs"), timesteps=batches[0].timesteps,
-            guidance=cat("guidance"), cond=cat("cond"), images=cat("images"),
+            guidance=cat("guidance"), cond={k: torch.cat([b.cond[k] for b in batches]) for k in batches[0].cond},
+            images=cat("images"),
             policy_version=min(b.policy_version for b in batches), rewards=cat("rewards"),
             evaluation=batches[0].evaluation,
         )  # fmt: skip

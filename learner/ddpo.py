@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from common.config import RunConfig, window_steps
-from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state
-from common.sampling import Conditioner, recompute_logprobs
+from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state, unet_lora_export
+from common.models.base import cond_index
+from common.sampling import recompute_logprobs
 from common.trajectory import TrajectoryBatch
 from learner.stat_tracker import PerPromptStatTracker
 
@@ -41,11 +42,14 @@ def ppo_loss(
 class DDPOLearner:
     """Owns the trainable LoRA, its optimizer and the per-prompt advantage tracker."""
 
-    def __init__(self, cfg: RunConfig, device: str = "cpu"):
+    def __init__(self, cfg: RunConfig, device: str = "cpu", model=None):
+        """`model`: an already loaded policy (a DiffusionModel with LoRA attached) instead of cfg.model's."""
         self.cfg = cfg
-        self.parts = load_policy(cfg.model, cfg.lora, device)
-        self.uncond = Conditioner(self.parts).empty
-        self.params = [p for n, p in self.parts.unet.named_parameters() if "lora_" in n]
+        self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
+        self.uncond = self.model.negative()
+        self.params = [p for n, p in self.model.unet.named_parameters() if "lora_" in n]
+        if cfg.algorithm.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()  # active in train mode only, i.e. in the update
         a = cfg.algorithm
         if a.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=a.learning_rate, momentum=a.adam_betas[0],
@@ -60,10 +64,10 @@ class DDPOLearner:
     # ------------------------------------------------------------------ weights
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(policy version, LoRA state) to broadcast to the samplers."""
-        return self.version, lora_state(self.parts.unet)
+        return self.version, lora_state(self.model.unet)
 
     def checksum(self) -> str:
-        return lora_checksum(lora_state(self.parts.unet))
+        return lora_checksum(lora_state(self.model.unet))
 
     # ---------------------------------------------------------------- advantages
     def advantages(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -95,7 +99,7 @@ class DDPOLearner:
         b, t = batch.log_probs.shape
         window, t_train = window_steps(t, a.timestep_window, a.timestep_fraction)
         window_t = torch.tensor(window)
-        unet = self.parts.unet
+        unet = self.model.unet
         unet.train()
         sums = {"approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "loss": 0.0}
         n_mb = 0
@@ -131,32 +135,35 @@ class DDPOLearner:
     def _minibatch_backward(
         self, batch: TrajectoryBatch, adv: torch.Tensor, idx: torch.Tensor, steps: torch.Tensor
     ) -> dict[str, float]:
+        """Forward and backward of one minibatch's (sample, timestep) pairs, in UNet calls bounded by
+        `timestep_chunk` and `max_unet_batch`; each call's loss is weighted by its share of the pairs, so
+        the accumulated gradient equals that of one call over all of them."""
         a = self.cfg.algorithm
         m, t_train = steps.shape
         chunk = a.timestep_chunk or t_train
+        per_call = max(1, a.max_unet_batch // 2) if a.max_unet_batch else m * t_train  # CFG doubles each pair
         total = m * t_train
         acc = {"approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "loss": 0.0, "logprob_mismatch": 0.0}
         for c0 in range(0, t_train, chunk):
-            j = steps[:, c0 : c0 + chunk]  # [m, c]
-            c = j.shape[1]
-            rows = idx.unsqueeze(1).expand(-1, c)
-            lat = batch.latents[rows, j].flatten(0, 1)
-            nxt = batch.latents[rows, j + 1].flatten(0, 1)
-            ts = batch.timesteps[j].flatten()
-            scale = batch.guidance[rows, j].flatten()
-            cond = batch.cond[idx].repeat_interleave(c, dim=0)
-            old = batch.log_probs[rows, j].flatten()
-            lp = recompute_logprobs(
-                self.parts, lat, nxt, ts, cond, self.uncond, scale, self.cfg.sampling.num_steps, self.cfg.sampling.eta
-            )
-            a_rep = adv[idx].repeat_interleave(c).to(lp.device)
-            loss, info = ppo_loss(lp, old.to(lp.device), a_rep, a.clip_range)
-            weight = (m * c) / total
-            (loss * weight / a.gradient_accumulation).backward()
-            acc["loss"] += float(loss.detach()) * weight
-            for k in ("approx_kl", "clipfrac", "ratio_mean"):
-                acc[k] += float(info[k]) * weight
-            acc["logprob_mismatch"] = max(acc["logprob_mismatch"], float(info["logprob_mismatch"]))
+            j_block = steps[:, c0 : c0 + chunk]  # [m, c]
+            rows_block = idx.unsqueeze(1).expand(-1, j_block.shape[1])
+            rows_all, j_all = rows_block.flatten(), j_block.flatten()  # sample-major pairs
+            for p0 in range(0, rows_all.numel(), per_call):
+                rows, j = rows_all[p0 : p0 + per_call], j_all[p0 : p0 + per_call]
+                lat = batch.latents[rows, j]
+                nxt = batch.latents[rows, j + 1]
+                cond = cond_index(batch.cond, rows)
+                lp = recompute_logprobs(
+                    self.model, lat, nxt, batch.timesteps[j], cond, self.uncond, batch.guidance[rows, j],
+                    self.cfg.sampling.num_steps, self.cfg.sampling.eta,
+                )  # fmt: skip
+                loss, info = ppo_loss(lp, batch.log_probs[rows, j].to(lp.device), adv[rows].to(lp.device), a.clip_range)
+                weight = rows.numel() / total
+                (loss * weight / a.gradient_accumulation).backward()
+                acc["loss"] += float(loss.detach()) * weight
+                for k in ("approx_kl", "clipfrac", "ratio_mean"):
+                    acc[k] += float(info[k]) * weight
+                acc["logprob_mismatch"] = max(acc["logprob_mismatch"], float(info["logprob_mismatch"]))
         return acc
 
     def _step(self) -> float:
@@ -177,16 +184,14 @@ class DDPOLearner:
     def checkpoint_state(self) -> dict:
         """Everything a checkpoint needs: LoRA (peft keys and adapter metadata, and our own keys),
         optimizer, tracker, RNG and version."""
-        from peft.utils import get_peft_model_state_dict
-
-        unet = self.parts.unet
-        meta = unet.peft_config["default"].to_dict()
-        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        peft_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-        return {"peft_state": peft_state, "lora_meta": meta, "lora": self.weights()[1], "learner": self.state_dict()}
+        peft_state, meta = unet_lora_export(self.model.unet)
+        return {
+            "peft_state": peft_state, "lora_meta": meta, "pipeline_class": type(self.model.pipe).__name__,
+            "lora": self.weights()[1], "learner": self.state_dict(),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
-        load_lora_state(self.parts.unet, lora)
+        load_lora_state(self.model.unet, lora)
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.rng.set_state(state["rng"])

@@ -38,11 +38,11 @@ class LocalSystem:
             torch.set_num_threads(cfg.cluster.local_torch_threads)
         device = local_device(cfg)
         self.learner = DDPOLearner(cfg, device=device)
-        self.gen = RolloutGenerator(cfg, device=device, parts=self.learner.parts)
+        self.gen = RolloutGenerator(cfg, device=device, model=self.learner.model)
         self.reward = WeightedReward(cfg.reward)
 
     def sync_weights(self) -> tuple[int, str]:
-        if self.gen.parts is not self.learner.parts:  # the sync below relies on the shared modules
+        if self.gen.model is not self.learner.model:  # the sync below relies on the shared modules
             raise WeightSyncError("the local sampler does not share the learner's modules")
         self.gen.version = self.learner.version
         return self.learner.version, self.learner.checksum()

@@ -160,15 +160,15 @@ class RunDir:
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, epochs_done: int, state: dict, counters: dict) -> Path:
         """Write checkpoints/step_N atomically: everything goes to a temporary folder that is renamed last."""
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
+        from common.models.base import save_lora_files
+
+        pipeline_class = getattr(diffusers, state.get("pipeline_class", "StableDiffusionPipeline"))
         final = self.ckpt_dir / f"step_{epochs_done}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{epochs_done}-", dir=self.ckpt_dir))
         try:
-            StableDiffusionPipeline.save_lora_weights(
-                str(tmp), unet_lora_layers=state["peft_state"], safe_serialization=True,
-                unet_lora_adapter_metadata=state["lora_meta"],
-            )  # fmt: skip
+            save_lora_files(pipeline_class, tmp, state["peft_state"], state["lora_meta"])
             save_file(state["lora"], str(tmp / "lora_state.safetensors"))
             torch.save(state["learner"], tmp / "learner_state.pt")
             (tmp / "counters.json").write_text(json.dumps(counters, indent=1))

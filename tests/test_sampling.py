@@ -4,9 +4,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from common.exploration import plan_rollout
-from common.pipelines import DiffusionParts
+from common.models.sd import StableDiffusion
 from common.sampling import (
-    Conditioner,
     ddim_step_with_logprob,
     ddim_timesteps,
     recompute_logprobs,
@@ -54,19 +53,19 @@ def test_step_matches_diffusers_and_gaussian_density():
 
 
 def test_rollout_logprobs_recompute_exactly(tiny_cfg, tiny_pipe):
-    parts = DiffusionParts.from_pipeline(tiny_pipe)
-    cond_builder = Conditioner(parts)
+    model = StableDiffusion(tiny_pipe)
     plans = [plan_rollout(p, i, tiny_cfg.exploration, 6, 5.0, explore=True) for i, p in enumerate(["a cat", "a dog"])]
-    cond = cond_builder.embeddings(plans)
+    cond = model.condition([p.weighted_prompt for p in plans])
     g = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-    roll = sample_rollout(parts, cond, cond_builder.empty, g, [1, 2], 6, 1.0)
+    roll = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0)
     assert roll.latents.shape == (2, 7, 4, 8, 8) and roll.log_probs.shape == (2, 6)
-    again = sample_rollout(parts, cond, cond_builder.empty, g, [1, 2], 6, 1.0)
+    again = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0)
     torch.testing.assert_close(again.latents, roll.latents)  # reproducible from the seeds
     j = torch.arange(6)
     with torch.no_grad():
-        lp = recompute_logprobs(parts, roll.latents[:, :-1].flatten(0, 1), roll.latents[:, 1:].flatten(0, 1),
-                                roll.timesteps.repeat(2), cond.repeat_interleave(6, 0), cond_builder.empty,
+        lp = recompute_logprobs(model, roll.latents[:, :-1].flatten(0, 1), roll.latents[:, 1:].flatten(0, 1),
+                                roll.timesteps.repeat(2), {k: v.repeat_interleave(6, 0) for k, v in cond.items()},
+                                model.negative(),
                                 g.flatten(), 6, 1.0)  # fmt: skip
     assert (lp.view(2, 6) - roll.log_probs).abs().max() < 1e-4
     assert j.numel() == 6

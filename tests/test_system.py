@@ -110,3 +110,20 @@ def test_a_silent_noop_weight_sync_stops_the_run(ray_session, tiny_cfg, tmp_path
             Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
     finally:
         system.shutdown()
+
+
+def test_sdxl_on_policy_invariant_through_the_distributed_path(ray_session, tiny_cfg, tmp_path):
+    """SDXL's conditioning (two encoders' states, pooled embedding, time ids) travels sampler -> learner intact."""
+    cfg = _cfg(tiny_cfg, "model.pretrained=tiny-sdxl", "cluster.num_samplers=1", "train.epochs=2", "eval.every=0",
+               "exploration.enabled=true", "exploration.prompt_weighting.num_phrases=2")  # fmt: skip
+    system = RaySystem(cfg)
+    try:
+        rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
+    finally:
+        system.shutdown()
+    epochs = [r for r in rows if not r.get("final_eval")]
+    assert len(epochs) == 2
+    for r in epochs:
+        assert r["logprob_mismatch"] < 1e-4 and abs(r["ratio_mean"] - 1) < 1e-4, r
+    ckpt = RunDir(tmp_path).latest_checkpoint()
+    assert (ckpt / "pytorch_lora_weights.safetensors").is_file()

@@ -12,7 +12,7 @@ def make_batch(b=3, t=4, version=2, rewards=True):
         prompts=[f"a cat {i}" for i in range(b)], plans=[{"seed": i, "picks": [["cat", 1.2]]} for i in range(b)],
         latents=torch.randn(b, t + 1, 4, 8, 8, generator=g), log_probs=torch.randn(b, t, generator=g),
         timesteps=torch.arange(t, 0, -1) * 10, guidance=torch.rand(b, t, generator=g) * 5,
-        cond=torch.randn(b, 6, 16, generator=g), images=torch.randint(0, 255, (b, 3, 16, 16), generator=g, dtype=torch.uint8),
+        cond={"prompt_embeds": torch.randn(b, 6, 16, generator=g)}, images=torch.randint(0, 255, (b, 3, 16, 16), generator=g, dtype=torch.uint8),
         policy_version=version, rewards=torch.randn(b, generator=g) if rewards else None,
     ).validate()  # fmt: skip
 
@@ -20,8 +20,9 @@ def make_batch(b=3, t=4, version=2, rewards=True):
 def test_bytes_round_trip_exactly():
     b = make_batch()
     back = TrajectoryBatch.from_bytes(b.to_bytes())
-    for k in ("latents", "log_probs", "timesteps", "guidance", "cond", "images", "rewards"):
+    for k in ("latents", "log_probs", "timesteps", "guidance", "images", "rewards"):
         assert torch.equal(getattr(b, k), getattr(back, k)), k
+    assert back.cond.keys() == b.cond.keys() and torch.equal(back.cond["prompt_embeds"], b.cond["prompt_embeds"])
     assert (back.prompts, back.plans, back.policy_version, back.batch_id) == (b.prompts, b.plans, 2, b.batch_id)
     unscored = make_batch(rewards=False)
     assert TrajectoryBatch.from_bytes(unscored.to_bytes()).rewards is None
@@ -41,6 +42,19 @@ def test_validate_names_the_bad_field():
     b = make_batch()
     b.log_probs = torch.zeros(3, 5)
     with pytest.raises(ValueError, match="log_probs"):
+        b.validate()
+
+
+def test_sdxl_conditioning_round_trips_and_concatenates():
+    b = make_batch()
+    b.cond = {"prompt_embeds": torch.randn(3, 6, 24), "text_embeds": torch.randn(3, 12), "time_ids": torch.ones(3, 6)}
+    back = TrajectoryBatch.from_bytes(b.validate().to_bytes())
+    assert sorted(back.cond) == ["prompt_embeds", "text_embeds", "time_ids"]
+    assert all(torch.equal(back.cond[k], b.cond[k]) for k in b.cond)
+    both = TrajectoryBatch.concat([b, back])
+    assert both.cond["text_embeds"].shape == (6, 12)
+    b.cond["time_ids"] = torch.ones(2, 6)  # a batch-size mismatch names the tensor
+    with pytest.raises(ValueError, match="cond.time_ids"):
         b.validate()
 
 
