@@ -1,0 +1,212 @@
+"""GPU benchmark of the algorithm code on full-size SD1.5- and SDXL-shaped models with random weights.
+
+Nothing is downloaded: each family's pipeline is built from its published architecture with random
+weights (directly on the device, in the model dtype), wrapped in its `DiffusionModel`, and run through
+the same classes the trainer uses (`RolloutGenerator`, `DDPOLearner`). No Ray import: Ray's wheel cannot
+be carried to the GPU machine.
+
+Measured per family, printed as one JSON document (and written to --out):
+  sampler_img_s / pipeline_img_s   our sampler vs the plain diffusers pipeline (same weights, steps, scale,
+                                   batch, eta; both decode), and their ratio; pipeline_with_lora_img_s is
+                                   the pipeline with our (unmerged) LoRA adapter active
+  update_s_per_sample, peak_gb     one DDPO update over a scored batch at the preset's memory settings
+  lora_sync_ms                     learner -> sampler LoRA copy with checksum (the local sync's work)
+  logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
+
+    python bench/gpu.py                      # on a GPU: sd15 and sdxl at full size (< 5 minutes on an H100)
+    python bench/gpu.py --family sd15 --batch 16 --steps 50
+    python bench/gpu.py --small              # CPU smoke run at toy size (tests/test_bench.py runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Published architectures (diffusers configs of runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-xl-base-1.0), written out so nothing is fetched.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")  # fmt: skip
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
+UNET = {
+    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+}  # fmt: skip
+PRESET = {"sd15": "sd15", "sdxl": "sdxl"}
+
+
+def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype):
+    """A random-weight pipeline of `family` built on `device` in `dtype` (toy size if `small`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from common.pipelines import build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from common.tokenizer import build_clip_tokenizer
+
+    if small:
+        pipe = build_tiny_pipeline(0) if family == "sd15" else build_tiny_sdxl_pipeline(0)
+        return pipe.to(device, dtype)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    tok = build_clip_tokenizer(model_max_length=77)
+    vocab = dict(vocab_size=49408)
+    with torch.device(device):  # initialise on the device: seconds instead of minutes for SDXL
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**UNET[family])
+        if family == "sd15":
+            vae = AutoencoderKL(**VAE, sample_size=512)
+            te = CLIPTextModel(CLIPTextConfig(**CLIP_L, **vocab))
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        else:
+            vae = AutoencoderKL(**VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+            te = CLIPTextModel(CLIPTextConfig(**CLIP_L, **vocab))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG, **vocab))
+            tok2 = build_clip_tokenizer(model_max_length=77)
+            tok2.pad_token = "!"
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                             unet=unet, scheduler=sched)  # fmt: skip
+    pipe = pipe.to(device, dtype)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> tuple[object, float]:
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t
+
+
+def bench_family(family: str, args, log) -> dict:
+    from common.config import load_config
+    from common.models import model_class
+    from common.pipelines import attach_lora
+    from common.rollouts import RolloutGenerator
+    from learner.ddpo import DDPOLearner
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    overrides = [f"sampling.num_steps={args.steps}", f"sampling.batch_size={args.batch}",
+                 f"train.samples_per_epoch={args.batch}", "exploration.enabled=true"]  # fmt: skip
+    if args.small:  # the tiny preset's LoRA and update at toy size; --small skips the hub model ids
+        overrides += [f"algorithm.minibatch_size={min(args.batch, 2)}", "algorithm.max_unet_batch=8",
+                      "algorithm.gradient_checkpointing=true", "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]  # fmt: skip
+    cfg = load_config("tiny" if args.small else PRESET[family], overrides + args.set)
+    log(f"[{family}] building {'toy' if args.small else 'full-size'} random pipelines on {device} ({args.dtype})")
+    # one pipeline each for the sampler and the learner (as two actors would hold), plus diffusers' own
+    models = []
+    for _ in range(2):
+        pipe = build_pipeline(family, args.small, device, dtype)
+        m = model_class(type(pipe).__name__)(pipe, cfg.sampling.resolution)
+        attach_lora(m.unet, cfg.lora)
+        m.unet.to(device)
+        models.append(m)
+    gen = RolloutGenerator(cfg, model=models[0])
+    learner = DDPOLearner(cfg, model=models[1])
+    gen.set_weights(*learner.weights())
+    prompts = [f"a photo of a {w} on a table" for w in ("cat", "dog", "red apple", "blue car")] * (args.batch // 4 + 1)
+    prompts = prompts[: args.batch]
+    seeds = list(range(args.batch))
+    s = cfg.sampling
+    res = {"family": family, "resolution": [models[0].height, models[0].width], "steps": s.num_steps,
+           "batch": args.batch, "dtype": args.dtype, "unet_params_m": round(sum(p.numel() for p in models[0].unet.parameters()) / 1e6, 1)}  # fmt: skip
+
+    gen.generate(prompts, seeds)  # warm-up
+    batch, t_ours = _timed(lambda: gen.generate(prompts, seeds), device)
+    res["sampler_img_s"] = round(args.batch / t_ours, 3)
+    ref = models[0].pipe
+    kw = dict(num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, output_type="pt",
+              height=models[0].height, width=models[0].width)  # fmt: skip
+    with torch.no_grad():
+        ref(prompts, **kw)  # warm-up
+        _, t_lora = _timed(lambda: ref(prompts, **kw), device)  # the same UNet, LoRA adapter included
+        ref.unet.disable_adapters()  # the plain pipeline: what users would otherwise run
+        try:
+            _, t_ref = _timed(lambda: ref(prompts, **kw), device)
+        finally:
+            ref.unet.enable_adapters()
+    res["pipeline_with_lora_img_s"] = round(args.batch / t_lora, 3)
+    res["pipeline_img_s"] = round(args.batch / t_ref, 3)
+    res["sampler_vs_pipeline"] = round(t_ref / t_ours, 3)
+    log(f"[{family}] sampler {res['sampler_img_s']} img/s, diffusers pipeline {res['pipeline_img_s']} img/s "
+        f"({res['pipeline_with_lora_img_s']} with our LoRA adapter)")
+
+    batch.rewards = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        info, t_upd = _timed(lambda: learner.train(batch), device)
+        res["update_s_per_sample"] = round(t_upd / len(batch), 3)
+        res["logprob_mismatch"] = float(f"{info['logprob_mismatch']:.3g}")
+    except torch.OutOfMemoryError:
+        res["update_s_per_sample"] = "out of memory"
+    if device.startswith("cuda"):
+        res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    a = cfg.algorithm
+    res["update_settings"] = {"minibatch_size": a.minibatch_size, "max_unet_batch": a.max_unet_batch,
+                              "timestep_chunk": a.timestep_chunk, "gradient_checkpointing": a.gradient_checkpointing}  # fmt: skip
+    version, state = learner.weights()
+    _, t_sync = _timed(lambda: gen.set_weights(version, state), device)
+    res["lora_sync_ms"] = round(1000 * t_sync, 1)
+    log(f"[{family}] update {res.get('update_s_per_sample')} s/sample, peak {res.get('peak_gb', '-')} GB, sync {res['lora_sync_ms']} ms")
+    del gen, learner, models, batch
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    ap.add_argument("--small", action="store_true", help="toy-size models (CPU smoke run)")
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; 4 with --small)")
+    ap.add_argument("--batch", type=int, default=None, help="images per sampler batch and update (default 16; 4 with --small)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. algorithm.max_unet_batch=32")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (4 if args.small else 50)
+    args.batch = args.batch or (4 if args.small else 16)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    out = {"device": device_name, "torch": torch.__version__, "results": []}
+    for fam in args.family.split(","):
+        out["results"].append(bench_family(fam.strip(), args, log))
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()

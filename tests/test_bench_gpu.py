@@ -1,0 +1,26 @@
+"""bench/gpu.py's CPU smoke run: both families through the trainer's classes, with sane figures."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_small_runs_both_families_without_ray():
+    code = (
+        "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4'];"
+        "sys.path.insert(0, 'bench'); import gpu; out = gpu.main(sys.argv[1:]);"
+        "assert 'ray' not in sys.modules, 'bench/gpu.py imported ray'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    out = json.loads(proc.stdout)
+    assert [r["family"] for r in out["results"]] == ["sd15", "sdxl"]
+    for r in out["results"]:
+        assert r["resolution"] == [64, 64] and r["steps"] == 3 and r["batch"] == 4
+        assert r["sampler_img_s"] > 0 and r["pipeline_img_s"] > 0 and r["lora_sync_ms"] > 0
+        assert r["update_s_per_sample"] > 0
+        assert r["logprob_mismatch"] < 1e-4  # float32 on the CPU: on-policy up to float error
