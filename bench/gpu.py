@@ -65,7 +65,15 @@ def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype):
         return pipe.to(device, dtype)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    tok = build_clip_tokenizer(model_max_length=77)
+    def make_tokenizer():
+        try:
+            return build_clip_tokenizer(model_max_length=77)
+        except ImportError:  # the GPU machine has no open_clip (CLIP's BPE file ships with it): bytes will do
+            from common.tokenizer import build_byte_level_clip_tokenizer
+
+            return build_byte_level_clip_tokenizer(77)
+
+    tok = make_tokenizer()
     vocab = dict(vocab_size=49408)
     with torch.device(device):  # initialise on the device: seconds instead of minutes for SDXL
         from diffusers import UNet2DConditionModel
@@ -80,7 +88,7 @@ def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype):
             vae = AutoencoderKL(**VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
             te = CLIPTextModel(CLIPTextConfig(**CLIP_L, **vocab))
             te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG, **vocab))
-            tok2 = build_clip_tokenizer(model_max_length=77)
+            tok2 = make_tokenizer()
             tok2.pad_token = "!"
             pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
                                              unet=unet, scheduler=sched)  # fmt: skip

@@ -80,3 +80,20 @@ def build_clip_tokenizer(save_dir: str | Path | None = None, model_max_length: i
     if save_dir is not None:
         tok.save_pretrained(str(save_dir))
     return tok
+
+
+def build_byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIPTokenizer with CLIP's byte alphabet and no BPE merges (514 tokens): for benchmarks on machines
+    without open_clip's vocabulary file. Each character becomes a token, so sequences are longer than
+    CLIP's; the text encoders built beside it may keep CLIP's vocabulary size."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    try:
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    except TypeError:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+            return CLIPTokenizer(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt",
+                                 model_max_length=model_max_length)  # fmt: skip
