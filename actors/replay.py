@@ -38,10 +38,12 @@ class _QueueActor:
         self.ready: deque[tuple[str, Any]] = deque()
         self.pending: dict[str, Any] = {}
         self.counter = itertools.count()
+        self.puts = 0
         self.cond = asyncio.Condition()
 
     async def put(self, item: Any) -> str:
         entry_id = f"{next(self.counter)}"
+        self.puts += 1
         async with self.cond:
             self.ready.append((entry_id, item))
             self.cond.notify_all()
@@ -75,6 +77,10 @@ class _QueueActor:
     async def size(self) -> tuple[int, int]:
         return len(self.ready), len(self.pending)
 
+    async def total_puts(self) -> int:
+        """Items ever put (progress: the driver compares it with its value at an epoch's launch)."""
+        return self.puts
+
 
 class EmbeddedReplayQueue:
     """Client of an in-Ray queue actor; picklable, so actors can be handed the same queue."""
@@ -96,6 +102,9 @@ class EmbeddedReplayQueue:
 
     def __len__(self) -> int:
         return ray.get(self.actor.size.remote())[0]
+
+    def total_puts(self) -> int:
+        return ray.get(self.actor.total_puts.remote())
 
     def __reduce__(self):
         return (EmbeddedReplayQueue, (self.actor,))

@@ -42,8 +42,9 @@ class RolloutGenerator:
         return lora_state(self.model.unet)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], explore: bool = True) -> TrajectoryBatch:
-        """Sample one trajectory per (prompt, seed); exploration only if `explore` (training rollouts)."""
+    def generate(self, prompts: list[str], seeds: list[int], explore: bool = True, on_batch=None) -> TrajectoryBatch:
+        """Sample one trajectory per (prompt, seed); exploration only if `explore` (training rollouts).
+        `on_batch(samples_done)` is called after each sampler batch (progress)."""
         s = self.cfg.sampling
         out = []
         for i in range(0, len(prompts), s.batch_size):
@@ -60,4 +61,6 @@ class RolloutGenerator:
                     images=(images * 255).round().to(torch.uint8), policy_version=self.version, evaluation=not explore,
                 )
             )
+            if on_batch is not None:
+                on_batch(i + len(ps))
         return TrajectoryBatch.concat(out) if len(out) > 1 else out[0]

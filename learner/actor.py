@@ -39,8 +39,14 @@ class LearnerActor:
     def lora_state(self):
         return self.learner.weights()[1]
 
+    def progress(self) -> int:
+        """Samples trained so far in the running update (answered while train_items runs: the actor is
+        created with max_concurrency=2)."""
+        return self.learner.progress
+
     def train_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
         """Take `num_items` scored batches, drop stale ones, run the DDPO update on the rest."""
+        self.learner.progress = 0
         got: list = []
         while len(got) < num_items:
             part = scored_queue.get(num_items - len(got), timeout)

@@ -59,6 +59,7 @@ class DDPOLearner:
                                                weight_decay=a.weight_decay)  # fmt: skip
         self.tracker = PerPromptStatTracker(a.stat_tracking.buffer_size, a.stat_tracking.min_count)
         self.version = 0
+        self.progress = 0  # samples trained in the running (or last) update, over all inner epochs
         self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)
 
     # ------------------------------------------------------------------ weights
@@ -86,8 +87,10 @@ class DDPOLearner:
         return adv_t, {"zero_std_frac": float(np.mean(zero)) if zero else 0.0}
 
     # -------------------------------------------------------------------- update
-    def train(self, batch: TrajectoryBatch) -> dict[str, float]:
+    def train(self, batch: TrajectoryBatch, on_progress=None) -> dict[str, float]:
         """Run `inner_epochs` PPO passes over a scored batch; returns the epoch's diagnostics.
+
+        `on_progress(samples_done)` is called after each minibatch, counting samples over all inner epochs.
 
         `logprob_mismatch` and `ratio_mean_first` come from the first minibatch, before the
         epoch's first optimizer step: with max_staleness 0 they must be 0 and 1 up to float error.
@@ -105,6 +108,8 @@ class DDPOLearner:
         n_mb = 0
         first: dict[str, float] = {}
         grad_norms = []
+        done = 0
+        self.progress = 0
         for _ in range(a.inner_epochs):
             perm = torch.randperm(b, generator=self.rng)
             steps = torch.stack([window_t[torch.randperm(len(window), generator=self.rng)[:t_train]] for _ in range(b)])  # [B, T']
@@ -117,6 +122,10 @@ class DDPOLearner:
                 for k in sums:
                     sums[k] += mb_info[k]
                 n_mb += 1
+                done += len(idx)
+                self.progress = done
+                if on_progress is not None:
+                    on_progress(done)
                 pending += 1
                 if pending == a.gradient_accumulation:
                     grad_norms.append(self._step())

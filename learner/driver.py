@@ -43,7 +43,8 @@ class RaySystem:
         sampler_cls, reward_cls = ray.remote(SamplerActor), ray.remote(RewardActor)
         self.samplers = [sampler_cls.options(**_opts(c.sampler, w)).remote(cfg, i) for i in range(c.num_samplers)]
         self.rewarders = [reward_cls.options(**_opts(c.reward, w)).remote(cfg, i) for i in range(c.num_reward_actors)]
-        self.learner = ray.remote(LearnerActor).options(**_opts(c.learner, w)).remote(cfg)
+        # two threads: progress() is answered while train_items runs
+        self.learner = ray.remote(LearnerActor).options(max_concurrency=2, **_opts(c.learner, w)).remote(cfg)
         ray.get([a.ready.remote() for a in self.samplers + self.rewarders] + [self.learner.publish.remote()])
         self._ahead = None  # (sampler futures, reward futures, items) of an epoch launched in advance
 
@@ -67,9 +68,11 @@ class RaySystem:
                 )
         return version, checksum
 
-    def launch_sampling(self, prompts: list[str], seeds: list[int]) -> tuple[list, list, int]:
-        """Start samplers and reward actors on one epoch; returns (sampler futures, reward futures, items)."""
+    def launch_sampling(self, prompts: list[str], seeds: list[int]) -> tuple[list, list, int, tuple[int, int]]:
+        """Start samplers and reward actors on one epoch; returns (sampler futures, reward futures, items,
+        the two queues' put counts before the launch)."""
         bs = self.cfg.sampling.batch_size
+        base = (self.rollout_q.total_puts(), self.scored_q.total_puts())
         futs, start, items = [], 0, 0
         for s, n in zip(self.samplers, _split(len(prompts), len(self.samplers))):
             if n:
@@ -81,21 +84,36 @@ class RaySystem:
             for r, k in zip(self.rewarders, _split(items, len(self.rewarders)))
             if k
         ]
-        return futs, rfuts, items
+        return futs, rfuts, items, base
 
-    def train_epoch(self, inputs: tuple[list[str], list[int]], next_inputs: tuple[list[str], list[int]] | None) -> dict:
+    def _progress(self, progress, base: tuple[int, int], n: int) -> None:
+        """Counts from the queues (items of sampling.batch_size samples; exact but for partial last batches)
+        and the learner."""
+        bs = self.cfg.sampling.batch_size
+        sampled = (self.rollout_q.total_puts() - base[0]) * bs
+        scored = (self.scored_q.total_puts() - base[1]) * bs
+        progress.update(sampled=min(sampled, n), scored=min(scored, n), trained=ray.get(self.learner.progress.remote()))
+
+    def train_epoch(
+        self, inputs: tuple[list[str], list[int]], next_inputs: tuple[list[str], list[int]] | None, progress=None
+    ) -> dict:
         """One epoch through the actors. With `next_inputs` (max_staleness >= 1) the next epoch's sampling
         starts as soon as this epoch's rollouts are out of the samplers, before the learner trains."""
         launch, self._ahead = self._ahead or self.launch_sampling(*inputs), None
-        futs, rfuts, items = launch
+        futs, rfuts, items, base = launch
         if next_inputs is not None:
             sample_stats = ray.get(futs)
             self._ahead = self.launch_sampling(*next_inputs)
         learn = self.learner.train_items.remote(self.scored_q, items)
+        if progress is not None:
+            while not ray.wait([learn], timeout=1.0)[0]:
+                self._progress(progress, base, len(inputs[0]))
         if next_inputs is None:
             sample_stats = ray.get(futs)
         reward_stats = ray.get(rfuts)
         m = ray.get(learn)
+        if progress is not None:
+            self._progress(progress, base, len(inputs[0]))
         if self._ahead is not None:
             self.sync_weights()  # queued behind the running sample calls; applies to the epoch after next
         m.update(

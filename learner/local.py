@@ -15,6 +15,7 @@ import torch
 from common.config import RunConfig
 from common.rollouts import RolloutGenerator
 from learner.ddpo import DDPOLearner
+from learner.progress import NoProgress
 from learner.loop import EvalResult, WeightSyncError
 from rewards.combined import WeightedReward, score_in_batches
 
@@ -50,14 +51,16 @@ class LocalSystem:
     def _score(self, images: torch.Tensor, prompts: list[str], details: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return score_in_batches(self.reward, images, prompts, self.cfg.reward.batch_size, details)
 
-    def train_epoch(self, inputs: tuple[list[str], list[int]], next_inputs=None) -> dict:
+    def train_epoch(self, inputs: tuple[list[str], list[int]], next_inputs=None, progress=None) -> dict:
         prompts, seeds = inputs
+        progress = progress or NoProgress()
         t0 = time.perf_counter()
-        batch = self.gen.generate(prompts, seeds, explore=True)
+        batch = self.gen.generate(prompts, seeds, explore=True, on_batch=lambda n: progress.update(sampled=n))
         t1 = time.perf_counter()
         batch.rewards, _ = self._score(batch.images_float(), batch.prompts, details=False)
+        progress.update(scored=len(batch))
         t2 = time.perf_counter()
-        m = self.learner.train(batch)
+        m = self.learner.train(batch, on_progress=lambda n: progress.update(trained=n))
         m.update(
             samples=len(batch), dropped_stale=0, staleness_max=0, trained_samples=len(batch),
             reward_mean=float(batch.rewards.mean()), reward_std=float(batch.rewards.std(unbiased=False)),

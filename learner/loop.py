@@ -20,6 +20,7 @@ import torch
 from common.config import RunConfig
 from common.prompts import load_prompts
 from common.rollouts import sample_seeds
+from learner.progress import EpochProgress, NoProgress
 from learner.run_dir import RunDir
 
 Z95 = 1.959964  # two-sided 95% normal quantile: confidence intervals of evaluation means
@@ -48,8 +49,11 @@ class System(Protocol):
     def sync_weights(self) -> tuple[int, str]:
         """Make every sampler hold the learner's LoRA; returns (version, checksum), verified."""
 
-    def train_epoch(self, inputs: tuple[list[str], list[int]], next_inputs: tuple[list[str], list[int]] | None) -> dict:
-        """Sample, score and learn on one epoch's (prompts, seeds); `next_inputs` may be sampled ahead."""
+    def train_epoch(
+        self, inputs: tuple[list[str], list[int]], next_inputs: tuple[list[str], list[int]] | None, progress=None
+    ) -> dict:
+        """Sample, score and learn on one epoch's (prompts, seeds); `next_inputs` may be sampled ahead.
+        `progress.update(sampled=, scored=, trained=)` is told the counts as they advance."""
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult: ...
 
@@ -84,8 +88,11 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float, float]:
 class Trainer:
     """The epoch loop over a System, writing the run directory."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, system: System, log=print):
+    def __init__(self, cfg: RunConfig, run: RunDir, system: System, log=print, progress=False):
+        """`progress`: True shows samples generated, scored and trained inside each epoch on stderr
+        (learner.progress.EpochProgress); a callable (label, totals) -> progress object takes its place."""
         self.cfg, self.run, self.sys, self.log = cfg, run, system, log
+        self.make_progress = EpochProgress if progress is True else (progress or None)
         self.train_prompts = load_prompts(cfg.prompts.train)
         sources = cfg.prompts.eval or [cfg.prompts.train]
         self.eval_sets = []  # (name, prompts repeated images_per_prompt times, fixed seeds)
@@ -165,7 +172,15 @@ class Trainer:
             t_eval = time.perf_counter() - t0
             t_start = time.perf_counter()
             ahead = self._epoch_inputs(e + 1) if overlap and e + 1 < cfg.train.epochs else None
-            m = self.sys.train_epoch(self._epoch_inputs(e), ahead)
+            inputs = self._epoch_inputs(e)
+            n = len(inputs[0])
+            totals = {"sampled": n, "scored": n, "trained": n * cfg.algorithm.inner_epochs}
+            label = f"epoch {e + 1}/{cfg.train.epochs}"
+            progress = self.make_progress(label, totals) if self.make_progress else NoProgress()
+            try:
+                m = self.sys.train_epoch(inputs, ahead, progress=progress)
+            finally:
+                progress.close()
             wall = time.perf_counter() - t_start
             self.reward_queries += m["samples"]
             self.version = m["policy_version"]

@@ -111,7 +111,7 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     log(f"run {run_path} | model {cfg.model.pretrained} | backend {cfg.cluster.backend} | "
         + " ".join(f"{k}={v}" for k, v in d.items()))  # fmt: skip
     system = make_system(cfg)
-    trainer = Trainer(cfg, run_dir, system, log=log)
+    trainer = Trainer(cfg, run_dir, system, log=log, progress=True)
     if resume and not trainer.restore():
         log(f"{run_path}: no complete checkpoint yet; starting from epoch 0")
     try:

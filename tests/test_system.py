@@ -117,12 +117,32 @@ def test_sdxl_on_policy_invariant_through_the_distributed_path(ray_session, tiny
     cfg = _cfg(tiny_cfg, "model.pretrained=tiny-sdxl", "cluster.num_samplers=1", "train.epochs=2", "eval.every=0",
                "exploration.enabled=true", "exploration.prompt_weighting.num_phrases=2")  # fmt: skip
     system = RaySystem(cfg)
+    progress = []
+
+    class _Rec:
+        def __init__(self, label, totals):
+            self.label = label
+
+        def update(self, **counts):
+            progress.append((self.label, counts))
+
+        def close(self):
+            pass
+
+    def recorder(label, totals):
+        return _Rec(label, totals)
+
     try:
-        rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
+        rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None, progress=recorder).fit()
     finally:
         system.shutdown()
     epochs = [r for r in rows if not r.get("final_eval")]
     assert len(epochs) == 2
+    # progress inside each epoch, from the queues and the learner actor: monotonic, ending at the totals
+    for label in ("epoch 1/2", "epoch 2/2"):
+        seen = [c for lab, c in progress if lab == label]
+        assert seen[-1] == {"sampled": 8, "scored": 8, "trained": 8}, seen
+        assert all(a[k] <= b[k] for a, b in zip(seen, seen[1:]) for k in a), seen
     for r in epochs:
         assert r["logprob_mismatch"] < 1e-4 and abs(r["ratio_mean"] - 1) < 1e-4, r
     ckpt = RunDir(tmp_path).latest_checkpoint()
