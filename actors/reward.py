@@ -17,10 +17,11 @@ class RewardActor:
     """Thin Ray wrapper over WeightedReward (create with `ray.remote(RewardActor).options(...)`)."""
 
     def __init__(self, cfg: RunConfig, index: int):
-        setup_actor(cfg.cluster.reward)
+        device = setup_actor(cfg.cluster.reward)
         self.index = index
         self.cfg = cfg
-        self.reward = WeightedReward(cfg.reward)
+        self.reward = WeightedReward(cfg.reward, device=device)  # learned rewards load their models once, here
+        self.term_sums: dict[str, float] = {}
 
     def ready(self) -> int:
         return self.index
@@ -30,7 +31,9 @@ class RewardActor:
 
     def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
         big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]
-        total, _ = self.score_batch(big)
+        total, parts = self.score_batch(big)
+        for name, v in parts.items():  # each term's raw score, summed for the epoch's per-term means
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + float(v.sum())
         out, start = [], 0
         for b in batches:
             b.rewards = total[start : start + len(b)].clone()
@@ -43,6 +46,7 @@ class RewardActor:
         push each to `scored_queue`, acknowledge them."""
         t_busy = 0.0
         done = samples = 0
+        self.term_sums = {}
         while done < num_items:
             got = rollout_queue.get(num_items - done, timeout)
             if not got:
@@ -55,7 +59,7 @@ class RewardActor:
             rollout_queue.ack([e for e, _ in got])
             t_busy += time.perf_counter() - t0
             done += len(got)
-        return {"items": done, "samples": samples, "time_reward": t_busy}
+        return {"items": done, "samples": samples, "time_reward": t_busy, "term_sums": dict(self.term_sums)}
 
     def score_batch(self, batch: TrajectoryBatch, details: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rewards [B], per-term scores [B] by name, plus components with `details`) of training or

@@ -183,7 +183,7 @@ class AlgorithmConfig(_Strict):
         "the same (DDPO's loss is a sum over them).",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute UNet activations in the backward pass: much less memory, ~30% more time."
+        False, description="Recompute UNet activations in the backward pass: much less memory, more compute."
     )
     stat_tracking: StatTrackerConfig = Field(default_factory=StatTrackerConfig)
 

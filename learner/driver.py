@@ -116,6 +116,9 @@ class RaySystem:
             self._progress(progress, base, len(inputs[0]))
         if self._ahead is not None:
             self.sync_weights()  # queued behind the running sample calls; applies to the epoch after next
+        n = sum(r["samples"] for r in reward_stats)
+        for name in reward_stats[0].get("term_sums", {}):  # each reward term on its own, beside the sum
+            m[f"reward_{name}_mean"] = sum(r["term_sums"].get(name, 0.0) for r in reward_stats) / max(n, 1)
         m.update(
             samples=sum(r["samples"] for r in reward_stats),
             time_sample=max(s["time_sample"] for s in sample_stats),

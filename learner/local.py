@@ -40,7 +40,7 @@ class LocalSystem:
         device = local_device(cfg)
         self.learner = DDPOLearner(cfg, device=device)
         self.gen = RolloutGenerator(cfg, device=device, model=self.learner.model)
-        self.reward = WeightedReward(cfg.reward)
+        self.reward = WeightedReward(cfg.reward, device=device)
 
     def sync_weights(self) -> tuple[int, str]:
         if self.gen.model is not self.learner.model:  # the sync below relies on the shared modules
@@ -57,10 +57,11 @@ class LocalSystem:
         t0 = time.perf_counter()
         batch = self.gen.generate(prompts, seeds, explore=True, on_batch=lambda n: progress.update(sampled=n))
         t1 = time.perf_counter()
-        batch.rewards, _ = self._score(batch.images_float(), batch.prompts, details=False)
+        batch.rewards, parts = self._score(batch.images_float(), batch.prompts, details=False)
         progress.update(scored=len(batch))
         t2 = time.perf_counter()
         m = self.learner.train(batch, on_progress=lambda n: progress.update(trained=n))
+        m.update({f"reward_{name}_mean": float(v.mean()) for name, v in parts.items()})  # each term, beside the sum
         m.update(
             samples=len(batch), dropped_stale=0, staleness_max=0, trained_samples=len(batch),
             reward_mean=float(batch.rewards.mean()), reward_std=float(batch.rewards.std(unbiased=False)),

@@ -207,6 +207,8 @@ class Trainer:
                 "time_epoch": wall,
                 "time_eval": t_eval,
                 "samples_per_s": m["samples"] / wall if wall > 0 else 0.0,
+                # each reward term's raw score (reward_<name>_mean), beside the weighted sum
+                **{k: v for k, v in m.items() if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"},
                 **eval_row,
             }
             rows.append(row)

@@ -63,14 +63,13 @@ def preflight(cfg: RunConfig) -> None:
     """Check names, files and the model before any actor starts (raises with a one-line message)."""
     from common.pipelines import resolve_model_path
     from common.prompts import load_prompts
-    from rewards import reward_names
+    from rewards import check_reward
 
     load_prompts(cfg.prompts.train)
     for source in cfg.prompts.eval or []:
         load_prompts(source)
-    for term in cfg.reward.terms:
-        if term.name not in reward_names():
-            raise ConfigError(f"reward.terms: unknown reward {term.name!r}; known rewards: {', '.join(reward_names())}")
+    for term in cfg.reward.terms:  # names, options and weight files, before any actor starts
+        check_reward(term.name, term.options)
     resolve_model_path(cfg.model)
 
 
@@ -145,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         from common.prompts import PromptSetError
         from learner.run_dir import CheckpointError
         from rewards.combined import NonFiniteRewardError
+        from rewards.loading import RewardLoadError
 
-        known = (ConfigError, ModelLoadError, PromptSetError, CheckpointError, NonFiniteRewardError)
+        known = (ConfigError, ModelLoadError, PromptSetError, CheckpointError, NonFiniteRewardError, RewardLoadError)
         cause = getattr(err, "cause", None)
         if isinstance(err, known) or isinstance(cause, known) or os.environ.get("DIFFEXP_TRACEBACK") != "1":
             print(_one_line(err), file=sys.stderr)

@@ -15,8 +15,9 @@ class NonFiniteRewardError(ValueError):
 class WeightedReward:
     """sum_i weight_i * reward_i(images, prompts) over the terms of a RewardConfig."""
 
-    def __init__(self, cfg: RewardConfig):
-        self.terms = [(t.name, t.weight, build_reward(t.name, **t.options)) for t in cfg.terms]
+    def __init__(self, cfg: RewardConfig, device: str | None = None):
+        """`device`: where learned rewards run (the reward actor's); rewards without models ignore it."""
+        self.terms = [(t.name, t.weight, build_reward(t.name, device=device, **t.options)) for t in cfg.terms]
         self.differentiable = all(r.differentiable for _, _, r in self.terms)
 
     def __call__(
@@ -28,11 +29,12 @@ class WeightedReward:
         total = torch.zeros(images.shape[0])
         parts = {}
         for name, weight, fn in self.terms:
-            if details and hasattr(fn, "score_details"):
-                score, details = fn.score_details(images, prompts)
-                parts.update({f"{name}/{k}": v.detach().float().cpu() for k, v in details.items()})
-            else:
-                score = fn(images, prompts)
+            with torch.no_grad():  # scoring for DDPO; AlignProp calls differentiable rewards directly
+                if details and hasattr(fn, "score_details"):
+                    score, comps = fn.score_details(images, prompts)
+                    parts.update({f"{name}/{k}": v.detach().float().cpu() for k, v in comps.items()})
+                else:
+                    score = fn(images, prompts)
             score = score.detach().float().cpu()
             if score.shape != (images.shape[0],):
                 raise ValueError(f"reward {name!r} returned shape {tuple(score.shape)}, expected ({images.shape[0]},)")

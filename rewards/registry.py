@@ -11,6 +11,7 @@ beside the score, so that a reward rising for the wrong reason shows up in its p
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -45,8 +46,36 @@ def reward_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, **options) -> Reward:
-    """Instantiate the reward registered as `name` with keyword `options`."""
+def reward_options(name: str) -> list[str]:
+    """The keyword options the reward `name` accepts."""
+    params = inspect.signature(_REGISTRY[name].__init__).parameters
+    return [p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+
+
+def check_reward(name: str, options: dict) -> None:
+    """Validate a reward term without loading any model: the name, each option's name, and (for rewards
+    with a `preflight` classmethod) that its files exist or its hub ids are reachable. Raises
+    RewardLoadError with one line naming the fix."""
+    from rewards.loading import RewardLoadError
+
+    if name not in _REGISTRY:
+        raise RewardLoadError(f"reward.terms: unknown reward {name!r}; known rewards: {', '.join(reward_names())}")
+    accepted = reward_options(name)
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise RewardLoadError(
+            f"reward.terms: reward {name!r} has no option {unknown[0]!r}; its options: {', '.join(accepted) or 'none'}"
+        )
+    preflight = getattr(_REGISTRY[name], "preflight", None)
+    if preflight is not None:
+        preflight(**options)
+
+
+def build_reward(name: str, device: str | None = None, **options) -> Reward:
+    """Instantiate the reward registered as `name` with keyword `options` (and `device`, where it takes one)."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(reward_names())}")
+    check_reward(name, options)
+    if device is not None and "device" in reward_options(name) and "device" not in options:
+        options = {**options, "device": device}
     return _REGISTRY[name](**options)

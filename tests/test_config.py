@@ -72,3 +72,26 @@ def test_local_backend_cannot_sample_ahead():
         load_config("tiny", ["cluster.backend=local", "replay.max_staleness=1"])
     with pytest.raises(ConfigError, match="cluster.backend"):
         load_config("tiny", ["cluster.backend=slurm"])
+
+
+def test_every_preset_validates_and_the_paper_presets_name_real_rewards_and_prompts():
+    from common.prompts import load_prompts
+    from rewards import reward_names, reward_options
+
+    assert {"sd15", "sdxl", "sd15_aesthetic", "sd15_pickscore", "sdxl_aesthetic", "shapes", "tiny"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        for term in cfg.reward.terms:
+            assert term.name in reward_names() and set(term.options) <= set(reward_options(term.name)), (name, term)
+        assert load_prompts(cfg.prompts.train)
+    assert load_config("sd15_pickscore").prompts.train == "animals_activities"
+    assert load_config("sdxl_aesthetic").model.pretrained.startswith("stabilityai/stable-diffusion-xl")
+
+
+def test_paper_preset_without_its_weights_stops_with_the_file_to_supply(monkeypatch, tmp_path):
+    from learner.main import preflight
+    from rewards import RewardLoadError
+
+    monkeypatch.chdir(tmp_path)  # no sac+logos+ava1-l14-linearMSE.pth here
+    with pytest.raises(RewardLoadError, match=r"reward 'aesthetic': option head_path='sac\+logos\+ava1-l14-linearMSE.pth': no such file"):
+        preflight(load_config("sd15_aesthetic", ["model.pretrained=tiny"]))

@@ -59,6 +59,7 @@ def test_on_policy_invariant_through_the_distributed_path(ray_session, tiny_cfg,
         assert r["logprob_mismatch"] < 1e-4, r
         assert abs(r["ratio_mean"] - 1) < 1e-4, r
         assert r["dropped_stale"] == 0 and r["staleness_max"] == 0
+        assert r["reward_jpeg_compressibility_mean"] == pytest.approx(r["reward_mean"], abs=1e-5)  # the one term, logged
     # a second inner epoch moves the policy, so the whole-epoch ratio is no longer exactly 1
     assert any(abs(r["ratio_mean_all"] - 1) > 1e-6 for r in epochs)
     assert [r["reward_queries"] for r in epochs] == [8, 16, 24]
