@@ -21,6 +21,7 @@ class RewardActor:
         self.index = index
         self.cfg = cfg
         self.reward = WeightedReward(cfg.reward, device=device)  # learned rewards load their models once, here
+        self.eval_reward = WeightedReward(cfg.eval.reward, device=device) if cfg.eval.reward else self.reward
         self.term_sums: dict[str, float] = {}
 
     def ready(self) -> int:
@@ -61,7 +62,8 @@ class RewardActor:
             done += len(got)
         return {"items": done, "samples": samples, "time_reward": t_busy, "term_sums": dict(self.term_sums)}
 
-    def score_batch(self, batch: TrajectoryBatch, details: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score_batch(self, batch: TrajectoryBatch, details: bool = False, evaluation: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rewards [B], per-term scores [B] by name, plus components with `details`) of training or
         evaluation images, in calls of at most reward.batch_size images."""
-        return score_in_batches(self.reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, details)
+        reward = self.eval_reward if evaluation else self.reward
+        return score_in_batches(reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, details)

@@ -12,6 +12,7 @@ Measured per family, printed as one JSON document (and written to --out):
   update_s_per_sample, peak_gb     one DDPO update over a scored batch at the preset's memory settings
   lora_sync_ms                     learner -> sampler LoRA copy with checksum (the local sync's work)
   logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
+  alignprop                        AlignProp update seconds per sample and peak memory for each K
 
     python bench/gpu.py                      # on a GPU: sd15 and sdxl at full size (< 5 minutes on an H100)
     python bench/gpu.py --family sd15 --batch 16 --steps 50
@@ -183,11 +184,41 @@ def bench_family(family: str, args, log) -> dict:
     version, state = learner.weights()
     _, t_sync = _timed(lambda: gen.set_weights(version, state), device)
     res["lora_sync_ms"] = round(1000 * t_sync, 1)
+    res["alignprop"] = bench_alignprop(cfg, models[1], args, device)
     log(f"[{family}] update {res.get('update_s_per_sample')} s/sample, peak {res.get('peak_gb', '-')} GB, sync {res['lora_sync_ms']} ms")
     del gen, learner, models, batch
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return res
+
+
+def bench_alignprop(cfg, model, args, device: str) -> list[dict]:
+    """AlignProp update seconds per sample and peak memory against the truncation K (shapes_soft as the
+    differentiable reward: any reward times the same on random weights)."""
+    from common.config import apply_override, validate_config
+    from common.prompts import load_prompts
+    from learner.alignprop import AlignPropLearner
+
+    out = []
+    for k in [int(x) for x in args.alignprop_ks.split(",") if x]:
+        data = cfg.model_dump(mode="json")
+        for o in ("algorithm.name=alignprop", "reward.terms=[{name: shapes_soft}]", "prompts.train=shapes_pairs",
+                  f"algorithm.alignprop.truncation=[{k},{k}]", "algorithm.gradient_checkpointing=true"):  # fmt: skip
+            apply_override(data, o)
+        ap = AlignPropLearner(validate_config(data), model=model)
+        prompts = (load_prompts("shapes_pairs") * 4)[: args.batch]
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            _, dt = _timed(lambda: ap.train_prompts(prompts, list(range(len(prompts)))), device)
+            row = {"k": k, "s_per_sample": round(dt / len(prompts), 3)}
+        except torch.OutOfMemoryError:
+            row = {"k": k, "s_per_sample": "out of memory"}
+        if device.startswith("cuda"):
+            row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            torch.cuda.empty_cache()
+        out.append(row)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -200,6 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. algorithm.max_unet_batch=32")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--alignprop-ks", default="1,10", help="AlignProp truncations K to time (empty: skip)")
     args = ap.parse_args(argv)
     args.steps = args.steps or (4 if args.small else 50)
     args.batch = args.batch or (4 if args.small else 16)

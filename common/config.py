@@ -136,6 +136,29 @@ class StatTrackerConfig(_Strict):
     )
 
 
+class AlignPropConfig(_Strict):
+    truncation: tuple[int, int] = Field(
+        (1, 1),
+        description="[k_min, k_max]: gradients flow through the last K denoising steps, K ~ U{k_min..k_max} per "
+        "minibatch (AlignProp's randomized truncation); equal bounds fix K. Larger K reaches the early steps, "
+        "where a composition's layout is decided, at the cost of memory (use gradient_checkpointing) and time.",
+    )
+    loss: Literal["reward", "target"] = Field(
+        "reward", description="reward: minimise -coeff x reward; target: minimise |target - reward|."
+    )
+    coeff: float = Field(1.0, gt=0, description="Scale of the reward loss.")
+    target: float | None = Field(None, description="For loss=target: the reward to aim at.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignPropConfig:
+        lo, hi = self.truncation
+        if not 1 <= lo <= hi:
+            raise ValueError(f"truncation must be [k_min, k_max] with 1 <= k_min <= k_max (got {list(self.truncation)})")
+        if self.loss == "target" and self.target is None:
+            raise ValueError("loss=target needs a target reward (alignprop.target)")
+        return self
+
+
 class AlgorithmConfig(_Strict):
     @field_validator("timestep_window")
     @classmethod
@@ -144,7 +167,12 @@ class AlgorithmConfig(_Strict):
             raise ValueError(f"must be [start, end) with 0 <= start < end <= 1 (got {list(v)})")
         return v
 
-    name: Literal["ddpo"] = Field("ddpo", description="Training algorithm.")
+    name: Literal["ddpo", "alignprop"] = Field(
+        "ddpo",
+        description="ddpo: policy gradient on the samplers' rollouts. alignprop: the learner samples with "
+        "gradients and backpropagates a differentiable reward through the last K steps (algorithm.alignprop).",
+    )
+    alignprop: AlignPropConfig = Field(default_factory=AlignPropConfig)
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",
         description="adamw (DDPO's choice) or sgd with momentum adam_betas[0]. AdamW moves every LoRA weight by "
@@ -268,6 +296,11 @@ class EvalConfig(_Strict):
     images_per_prompt: int = Field(2, ge=1, description="Evaluation images per evaluation prompt.")
     max_prompts: int = Field(8, ge=1, description="At most this many evaluation prompts (the first ones).")
     seed: int = Field(12345, description="Fixed seed of evaluation noise, the same for every evaluation.")
+    reward: RewardConfig | None = Field(
+        None,
+        description="The reward evaluation reports (null: the training reward). E.g. train AlignProp on the "
+        "differentiable shapes_soft and evaluate the hard shapes detector.",
+    )
 
 
 class OutputConfig(_Strict):
@@ -308,6 +341,16 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"train.samples_per_epoch ({self.train.samples_per_epoch}) must be a multiple of "
                 f"train.prompts_per_epoch ({k})"
+            )
+        if self.algorithm.name == "alignprop" and self.replay.max_staleness:
+            raise ValueError(
+                f"replay.max_staleness must be 0 with algorithm.name=alignprop (got {self.replay.max_staleness}): "
+                "the learner samples its own training images"
+            )
+        if self.algorithm.name == "alignprop" and self.algorithm.alignprop.truncation[1] > self.sampling.num_steps:
+            raise ValueError(
+                f"algorithm.alignprop.truncation {list(self.algorithm.alignprop.truncation)}: K cannot exceed "
+                f"sampling.num_steps ({self.sampling.num_steps})"
             )
         if per_step > self.train.samples_per_epoch:
             raise ValueError(

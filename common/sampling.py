@@ -42,7 +42,9 @@ def ddim_step_with_logprob(
 
     model_output, sample, prev_sample, noise: [B, C, h, w]; timestep: [B] long.
     Returns (prev_sample [B, C, h, w], log_prob [B]); the log-prob is the mean over latent
-    dimensions (as DDPO does), so PPO ratios stay O(1) whatever the latent size.
+    dimensions (as DDPO does), so PPO ratios stay O(1) whatever the latent size. A drawn prev_sample
+    carries gradients to the model output (for reward backpropagation); the log-prob treats the sample
+    as data.
     If prev_sample is None it is drawn as mean + std * noise (noise ~ N(0, I) required).
     """
     ac = alphas_cumprod.to(sample.device, torch.float32)
@@ -69,8 +71,10 @@ def ddim_step_with_logprob(
         if noise is None:
             raise ValueError("ddim_step_with_logprob needs `noise` when `prev_sample` is not given")
         prev_sample = mean + std * noise.to(mean.device, mean.dtype)
-    prev_sample = prev_sample.detach().float()
-    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    prev_sample = prev_sample.float()
+    # the log-prob's gradient flows through the mean only (DDPO); the returned sample keeps its graph, so
+    # reward backpropagation (AlignProp) differentiates through the chain with this same function
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 

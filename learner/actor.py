@@ -10,7 +10,7 @@ import torch
 from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
-from learner.ddpo import DDPOLearner
+from learner.algorithm import make_algorithm
 
 
 def split_stale(batches: list[TrajectoryBatch], version: int, max_staleness: int):
@@ -22,11 +22,11 @@ def split_stale(batches: list[TrajectoryBatch], version: int, max_staleness: int
 
 
 class LearnerActor:
-    """Thin Ray wrapper over DDPOLearner (create with `ray.remote(LearnerActor).options(...)`)."""
+    """Thin Ray wrapper over the algorithm's learner (create with `ray.remote(LearnerActor).options(...)`)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.learner = DDPOLearner(cfg, device=setup_actor(cfg.cluster.learner))
+        self.learner = make_algorithm(cfg, device=setup_actor(cfg.cluster.learner))
 
     def publish(self) -> tuple[int, list, str]:
         """One ray.put of the current LoRA state: (version, [ObjectRef], checksum)."""
@@ -74,6 +74,13 @@ class LearnerActor:
             time_learn=time.perf_counter() - t0,
         )
         return metrics
+
+    def train_prompts(self, prompts: list[str], seeds: list[int]) -> dict:
+        """AlignProp: sample, score and backpropagate in the learner itself (the samplers serve evaluation)."""
+        t0 = time.perf_counter()
+        m = self.learner.train_prompts(prompts, seeds)
+        m.update(dropped_stale=0, staleness_max=0, time_learn=time.perf_counter() - t0)
+        return m
 
     def checkpoint_state(self) -> dict:
         return self.learner.checkpoint_state()

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from common.config import RunConfig, window_steps
-from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state, unet_lora_export
 from common.models.base import cond_index
 from common.sampling import recompute_logprobs
 from common.trajectory import TrajectoryBatch
+from learner.algorithm import LoRALearner
 from learner.stat_tracker import PerPromptStatTracker
 
 
@@ -39,36 +39,15 @@ def ppo_loss(
     return loss, info
 
 
-class DDPOLearner:
-    """Owns the trainable LoRA, its optimizer and the per-prompt advantage tracker."""
+class DDPOLearner(LoRALearner):
+    """DDPO on the samplers' rollouts: the LoRA learner plus the per-prompt advantage tracker."""
+
+    uses_rollouts = True
 
     def __init__(self, cfg: RunConfig, device: str = "cpu", model=None):
-        """`model`: an already loaded policy (a DiffusionModel with LoRA attached) instead of cfg.model's."""
-        self.cfg = cfg
-        self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
-        self.uncond = self.model.negative()
-        self.params = [p for n, p in self.model.unet.named_parameters() if "lora_" in n]
-        if cfg.algorithm.gradient_checkpointing:
-            self.model.unet.enable_gradient_checkpointing()  # active in train mode only, i.e. in the update
+        super().__init__(cfg, device, model)
         a = cfg.algorithm
-        if a.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.params, lr=a.learning_rate, momentum=a.adam_betas[0],
-                                             weight_decay=a.weight_decay)  # fmt: skip
-        else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=a.learning_rate, betas=a.adam_betas,
-                                               weight_decay=a.weight_decay)  # fmt: skip
         self.tracker = PerPromptStatTracker(a.stat_tracking.buffer_size, a.stat_tracking.min_count)
-        self.version = 0
-        self.progress = 0  # samples trained in the running (or last) update, over all inner epochs
-        self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)
-
-    # ------------------------------------------------------------------ weights
-    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(policy version, LoRA state) to broadcast to the samplers."""
-        return self.version, lora_state(self.model.unet)
-
-    def checksum(self) -> str:
-        return lora_checksum(lora_state(self.model.unet))
 
     # ---------------------------------------------------------------- advantages
     def advantages(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -92,7 +71,7 @@ class DDPOLearner:
 
         `on_progress(samples_done)` is called after each minibatch, counting samples over all inner epochs.
 
-        `logprob_mismatch` and `ratio_mean_first` come from the first minibatch, before the
+        `logprob_mismatch` and `ratio_mean` come from the first minibatch, before the
         epoch's first optimizer step: with max_staleness 0 they must be 0 and 1 up to float error.
         """
         a = self.cfg.algorithm
@@ -117,8 +96,8 @@ class DDPOLearner:
             for start in range(0, b, a.minibatch_size):
                 idx = perm[start : start + a.minibatch_size]
                 mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
-                if not first:
-                    first = {"logprob_mismatch": mb_info["logprob_mismatch"], "ratio_mean_first": mb_info["ratio_mean"]}
+                if not first:  # before the epoch's first optimizer step: must be on-policy
+                    first = {"logprob_mismatch": mb_info["logprob_mismatch"], "ratio_mean": mb_info["ratio_mean"]}
                 for k in sums:
                     sums[k] += mb_info[k]
                 n_mb += 1
@@ -135,6 +114,7 @@ class DDPOLearner:
         unet.eval()
         self.version += 1
         out = {k: v / max(n_mb, 1) for k, v in sums.items()}
+        out["ratio_mean_all"] = out.pop("ratio_mean")  # over the whole epoch; ratio_mean is the first minibatch's
         out.update(first)
         out.update(info)
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
@@ -175,33 +155,9 @@ class DDPOLearner:
                 acc["logprob_mismatch"] = max(acc["logprob_mismatch"], float(info["logprob_mismatch"]))
         return acc
 
-    def _step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.algorithm.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {
-            "version": self.version,
-            "optimizer": self.optimizer.state_dict(),
-            "tracker": self.tracker.state_dict(),
-            "rng": self.rng.get_state(),
-        }
-
-    def checkpoint_state(self) -> dict:
-        """Everything a checkpoint needs: LoRA (peft keys and adapter metadata, and our own keys),
-        optimizer, tracker, RNG and version."""
-        peft_state, meta = unet_lora_export(self.model.unet)
-        return {
-            "peft_state": peft_state, "lora_meta": meta, "pipeline_class": type(self.model.pipe).__name__,
-            "lora": self.weights()[1], "learner": self.state_dict(),
-        }  # fmt: skip
+        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
-        load_lora_state(self.model.unet, lora)
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state, lora)
         self.tracker.load_state_dict(state["tracker"])
-        self.rng.set_state(state["rng"])
-        self.version = int(state["version"])

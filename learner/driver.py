@@ -99,6 +99,17 @@ class RaySystem:
     ) -> dict:
         """One epoch through the actors. With `next_inputs` (max_staleness >= 1) the next epoch's sampling
         starts as soon as this epoch's rollouts are out of the samplers, before the learner trains."""
+        if self.cfg.algorithm.name == "alignprop":  # the learner samples with gradients; no rollouts to move
+            learn = self.learner.train_prompts.remote(*inputs)
+            n = len(inputs[0])
+            while progress is not None and not ray.wait([learn], timeout=1.0)[0]:
+                k = ray.get(self.learner.progress.remote())
+                progress.update(sampled=k, scored=k, trained=k)
+            m = ray.get(learn)
+            if progress is not None:
+                progress.update(sampled=n, scored=n, trained=n)
+            m.update(time_sample=0.0, time_reward=0.0)
+            return m
         launch, self._ahead = self._ahead or self.launch_sampling(*inputs), None
         futs, rfuts, items, base = launch
         if next_inputs is not None:
@@ -133,7 +144,7 @@ class RaySystem:
             if n:
                 futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n]))
             start += n
-        scores = ray.get([self.rewarders[i % len(self.rewarders)].score_batch.remote(f, True) for i, f in enumerate(futs)])
+        scores = ray.get([self.rewarders[i % len(self.rewarders)].score_batch.remote(f, True, True) for i, f in enumerate(futs)])
         batches = ray.get(futs)
         versions = {b.policy_version for b in batches}
         if len(versions) != 1:

@@ -14,7 +14,7 @@ import torch
 
 from common.config import RunConfig
 from common.rollouts import RolloutGenerator
-from learner.ddpo import DDPOLearner
+from learner.algorithm import make_algorithm
 from learner.progress import NoProgress
 from learner.loop import EvalResult, WeightSyncError
 from rewards.combined import WeightedReward, score_in_batches
@@ -38,9 +38,11 @@ class LocalSystem:
         if cfg.cluster.local_torch_threads:
             torch.set_num_threads(cfg.cluster.local_torch_threads)
         device = local_device(cfg)
-        self.learner = DDPOLearner(cfg, device=device)
-        self.gen = RolloutGenerator(cfg, device=device, model=self.learner.model)
         self.reward = WeightedReward(cfg.reward, device=device)
+        self.eval_reward = WeightedReward(cfg.eval.reward, device=device) if cfg.eval.reward else self.reward
+        extra = {"reward": self.reward} if cfg.algorithm.name == "alignprop" else {}  # one copy of a learned reward
+        self.learner = make_algorithm(cfg, device=device, **extra)
+        self.gen = RolloutGenerator(cfg, device=device, model=self.learner.model)
 
     def sync_weights(self) -> tuple[int, str]:
         if self.gen.model is not self.learner.model:  # the sync below relies on the shared modules
@@ -55,6 +57,10 @@ class LocalSystem:
         prompts, seeds = inputs
         progress = progress or NoProgress()
         t0 = time.perf_counter()
+        if not self.learner.uses_rollouts:  # AlignProp: the learner samples and scores with gradients
+            m = self.learner.train_prompts(prompts, seeds, lambda n: progress.update(sampled=n, scored=n, trained=n))
+            m.update(dropped_stale=0, staleness_max=0, time_sample=0.0, time_reward=0.0, time_learn=time.perf_counter() - t0)
+            return m
         batch = self.gen.generate(prompts, seeds, explore=True, on_batch=lambda n: progress.update(sampled=n))
         t1 = time.perf_counter()
         batch.rewards, parts = self._score(batch.images_float(), batch.prompts, details=False)
@@ -71,7 +77,7 @@ class LocalSystem:
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult:
         batch = self.gen.generate(prompts, seeds, explore=False)
-        total, parts = self._score(batch.images_float(), batch.prompts, details=True)
+        total, parts = score_in_batches(self.eval_reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, True)
         return EvalResult(batch.images, total, parts, batch.policy_version)
 
     def checkpoint_state(self) -> dict:

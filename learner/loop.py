@@ -190,27 +190,20 @@ class Trainer:
                 "reward_queries": self.reward_queries,
                 "reward_mean": m["reward_mean"],
                 "reward_std": m["reward_std"],
-                "approx_kl": m.get("approx_kl", 0.0),
-                "clipfrac": m.get("clipfrac", 0.0),
-                "ratio_mean": m.get("ratio_mean_first", 1.0),
-                "ratio_mean_all": m.get("ratio_mean", 1.0),
-                "logprob_mismatch": m.get("logprob_mismatch", 0.0),
-                "loss": m.get("loss", 0.0),
-                "grad_norm": m.get("grad_norm", 0.0),
-                "zero_std_frac": m.get("zero_std_frac", 0.0),
                 "policy_version": m["policy_version"],
-                "dropped_stale": m["dropped_stale"],
-                "staleness_max": m["staleness_max"],
-                "time_sample": m["time_sample"],
-                "time_reward": m["time_reward"],
-                "time_learn": m["time_learn"],
+                "dropped_stale": m.get("dropped_stale", 0),
+                "staleness_max": m.get("staleness_max", 0),
+                "time_sample": m.get("time_sample", 0.0),
+                "time_reward": m.get("time_reward", 0.0),
+                "time_learn": m.get("time_learn", 0.0),
                 "time_epoch": wall,
                 "time_eval": t_eval,
                 "samples_per_s": m["samples"] / wall if wall > 0 else 0.0,
-                # each reward term's raw score (reward_<name>_mean), beside the weighted sum
-                **{k: v for k, v in m.items() if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"},
-                **eval_row,
             }
+            # the algorithm's own metrics (DDPO: approx_kl, clipfrac, ratio_mean, logprob_mismatch, ...; AlignProp:
+            # loss, grad_norm, truncation_k) and each reward term (reward_<name>_mean), as it reports them
+            row.update({k: v for k, v in m.items() if k not in row and k != "samples" and isinstance(v, (int, float))})
+            row.update(eval_row)
             rows.append(row)
             self.run.log(row)
             every = cfg.train.checkpoint_every
@@ -231,10 +224,14 @@ class Trainer:
 
     def _progress(self, r: dict) -> str:
         ev = f" eval {r['eval_reward_mean']:+.4f}" if "eval_reward_mean" in r else ""
+        algo = (
+            f"kl {r['approx_kl']:.2e} clip {r['clipfrac']:.2f} mismatch {r['logprob_mismatch']:.1e}"
+            if "approx_kl" in r
+            else f"loss {r.get('loss', 0.0):+.4f} grad {r.get('grad_norm', 0.0):.2e}"
+        )
         return (
             f"epoch {r['epoch'] + 1}/{self.cfg.train.epochs} | queries {r['reward_queries']} | reward "
-            f"{r['reward_mean']:+.4f} +- {r['reward_std']:.4f}{ev} | kl {r['approx_kl']:.2e} clip {r['clipfrac']:.2f} "
-            f"mismatch {r['logprob_mismatch']:.1e} | v{r['policy_version']} | {r['time_epoch']:.1f}s "
-            f"(sample {r['time_sample']:.1f} reward {r['time_reward']:.1f} learn {r['time_learn']:.1f}) "
-            f"{r['samples_per_s']:.1f} img/s"
+            f"{r['reward_mean']:+.4f} +- {r['reward_std']:.4f}{ev} | {algo} | v{r['policy_version']} | "
+            f"{r['time_epoch']:.1f}s (sample {r['time_sample']:.1f} reward {r['time_reward']:.1f} learn "
+            f"{r['time_learn']:.1f}) {r['samples_per_s']:.1f} img/s"
         )

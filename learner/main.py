@@ -68,8 +68,18 @@ def preflight(cfg: RunConfig) -> None:
     load_prompts(cfg.prompts.train)
     for source in cfg.prompts.eval or []:
         load_prompts(source)
-    for term in cfg.reward.terms:  # names, options and weight files, before any actor starts
+    for term in cfg.reward.terms + (cfg.eval.reward.terms if cfg.eval.reward else []):  # before any actor starts
         check_reward(term.name, term.options)
+    if cfg.algorithm.name == "alignprop":
+        from rewards.registry import differentiable_rewards
+
+        bad = [t.name for t in cfg.reward.terms if t.name not in differentiable_rewards()]
+        if bad:
+            raise ConfigError(
+                f"reward.terms: algorithm.name=alignprop backpropagates the reward, and {', '.join(bad)} "
+                f"{'is' if len(bad) == 1 else 'are'} not differentiable; differentiable rewards: "
+                f"{', '.join(differentiable_rewards())}"
+            )
     resolve_model_path(cfg.model)
 
 

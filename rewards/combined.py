@@ -49,6 +49,26 @@ class WeightedReward:
         return total, parts
 
 
+    def differentiable_total(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total reward [B] with gradients to `images` (reward backpropagation) and each term's score [B]
+        (detached, CPU). Every term must be differentiable; non-finite scores raise NonFiniteRewardError."""
+        total = 0.0
+        parts = {}
+        for name, weight, fn in self.terms:
+            if not fn.differentiable:
+                raise ValueError(f"reward {name!r} is not differentiable")
+            score = fn(images, prompts).float()
+            bad = (~torch.isfinite(score.detach())).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteRewardError(
+                    f"reward {name!r} returned non-finite scores for {len(bad)} image(s) "
+                    f"(prompts: {[prompts[i] for i in bad[:3]]}); they are not trained on"
+                )
+            parts[name] = score.detach().cpu()
+            total = total + weight * score
+        return total, parts
+
+
 def score_in_batches(
     reward: WeightedReward, images: torch.Tensor, prompts: list[str], batch_size: int, details: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

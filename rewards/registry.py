@@ -46,6 +46,11 @@ def reward_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def differentiable_rewards() -> list[str]:
+    """Names of the rewards whose scores have gradients (what AlignProp can use)."""
+    return [n for n in reward_names() if getattr(_REGISTRY[n], "differentiable", False)]
+
+
 def reward_options(name: str) -> list[str]:
     """The keyword options the reward `name` accepts."""
     params = inspect.signature(_REGISTRY[name].__init__).parameters

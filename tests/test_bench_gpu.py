@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_bench_small_runs_both_families_without_ray():
     code = (
-        "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4'];"
+        "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4', '--alignprop-ks', '1,3'];"
         "sys.path.insert(0, 'bench'); import gpu; out = gpu.main(sys.argv[1:]);"
         "assert 'ray' not in sys.modules, 'bench/gpu.py imported ray'"
     )
@@ -24,3 +24,4 @@ def test_gpu_bench_small_runs_both_families_without_ray():
         assert r["sampler_img_s"] > 0 and r["pipeline_img_s"] > 0 and r["lora_sync_ms"] > 0
         assert r["update_s_per_sample"] > 0
         assert r["logprob_mismatch"] < 1e-4  # float32 on the CPU: on-policy up to float error
+        assert [a["k"] for a in r["alignprop"]] == [1, 3] and all(a["s_per_sample"] > 0 for a in r["alignprop"])

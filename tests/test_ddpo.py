@@ -73,7 +73,7 @@ def test_on_policy_first_minibatch_and_update(tiny_cfg, scored_batch):
     learner = DDPOLearner(tiny_cfg)
     before = learner.checksum()
     m = learner.train(scored_batch)
-    assert m["logprob_mismatch"] < 1e-4 and abs(m["ratio_mean_first"] - 1) < 1e-4
+    assert m["logprob_mismatch"] < 1e-4 and abs(m["ratio_mean"] - 1) < 1e-4
     assert learner.version == 1 and learner.checksum() != before
     with pytest.raises(ValueError, match="needs a scored batch"):
         scored_batch_unscored = make_batch(rewards=False)

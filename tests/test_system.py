@@ -148,3 +148,23 @@ def test_sdxl_on_policy_invariant_through_the_distributed_path(ray_session, tiny
         assert r["logprob_mismatch"] < 1e-4 and abs(r["ratio_mean"] - 1) < 1e-4, r
     ckpt = RunDir(tmp_path).latest_checkpoint()
     assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_alignprop_through_ray_evaluates_with_the_verified_weights(ray_session, tiny_cfg, tmp_path):
+    """AlignProp trains in the learner actor; the samplers receive its weights (checked after every sync)
+    and evaluate with them."""
+    cfg = _cfg(tiny_cfg, "algorithm.name=alignprop", "reward.terms=[{name: shapes_soft}]", "prompts.train=shapes_pairs",
+               "cluster.num_samplers=1", "train.epochs=2", "eval.every=1", "eval.max_prompts=2",
+               "algorithm.alignprop.truncation=[1,2]", "eval.reward={terms: [{name: shapes}]}")  # fmt: skip
+    system = RaySystem(cfg)
+    syncs = []
+    _checked_syncs(system, syncs)
+    try:
+        rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
+    finally:
+        system.shutdown()
+    epochs = [r for r in rows if not r.get("final_eval")]
+    assert [r["reward_queries"] for r in epochs] == [8, 16] and [r["policy_version"] for r in epochs] == [1, 2]
+    assert [r["eval_policy_version"] for r in epochs] + [rows[-1]["eval_policy_version"]] == [0, 1, 2]
+    assert [v for v, _ in syncs] == [0, 1, 2] and "eval_shapes_full_mean" in rows[-1]
+    assert all(r["grad_norm"] > 0 and "approx_kl" not in r for r in epochs)

@@ -1,0 +1,93 @@
+"""The algorithm seam: what the epoch loop and both backends need of a training algorithm.
+
+An algorithm owns the trainable LoRA of a policy and its optimizer (`LoRALearner` holds that common
+part: weights to broadcast, checksums, checkpoints). It is one of two kinds:
+
+- `uses_rollouts = True` (DDPO): it trains on the samplers' scored trajectories, `train(batch)`;
+- `uses_rollouts = False` (AlignProp): it samples with gradients itself and scores with a
+  differentiable reward, `train_prompts(prompts, seeds)`; the samplers then serve evaluation only.
+
+Either returns a dict of metrics that the loop logs verbatim beside its own (`reward_mean`,
+`reward_std` and `samples`, the reward queries, are required; `policy_version` too). Adding an algorithm
+is one file with a LoRALearner subclass plus one line in `ALGORITHMS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from common.config import RunConfig
+from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state, unet_lora_export
+
+ALGORITHMS = {"ddpo": "learner.ddpo:DDPOLearner", "alignprop": "learner.alignprop:AlignPropLearner"}
+
+
+def algorithm_class(name: str) -> type:
+    module, cls = ALGORITHMS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_algorithm(cfg: RunConfig, device: str = "cpu", model=None, **kwargs):
+    """The learner of `cfg.algorithm.name` on `device` (optionally around an already loaded `model`;
+    AlignProp also takes the `reward` to backpropagate)."""
+    return algorithm_class(cfg.algorithm.name)(cfg, device=device, model=model, **kwargs)
+
+
+class LoRALearner:
+    """The LoRA policy, its optimizer and version: the part every algorithm shares."""
+
+    uses_rollouts = True
+
+    def __init__(self, cfg: RunConfig, device: str = "cpu", model=None):
+        """`model`: an already loaded policy (a DiffusionModel with LoRA attached) instead of cfg.model's."""
+        self.cfg = cfg
+        self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
+        self.uncond = self.model.negative()
+        self.params = [p for n, p in self.model.unet.named_parameters() if "lora_" in n]
+        if cfg.algorithm.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()  # active in train mode only, i.e. in the update
+        a = cfg.algorithm
+        if a.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=a.learning_rate, momentum=a.adam_betas[0],
+                                             weight_decay=a.weight_decay)  # fmt: skip
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=a.learning_rate, betas=a.adam_betas,
+                                               weight_decay=a.weight_decay)  # fmt: skip
+        self.version = 0
+        self.progress = 0  # samples trained in the running (or last) update
+        self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)
+
+    # ------------------------------------------------------------------ weights
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(policy version, LoRA state) to broadcast to the samplers."""
+        return self.version, lora_state(self.model.unet)
+
+    def checksum(self) -> str:
+        return lora_checksum(lora_state(self.model.unet))
+
+    def _step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.algorithm.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"version": self.version, "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state()}
+
+    def checkpoint_state(self) -> dict:
+        """Everything a checkpoint needs: LoRA (peft keys and adapter metadata, and our own keys),
+        the learner's state (optimizer, RNG, version and the algorithm's own)."""
+        peft_state, meta = unet_lora_export(self.model.unet)
+        return {
+            "peft_state": peft_state, "lora_meta": meta, "pipeline_class": type(self.model.pipe).__name__,
+            "lora": self.weights()[1], "learner": self.state_dict(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
+        load_lora_state(self.model.unet, lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"])
+        self.version = int(state["version"])

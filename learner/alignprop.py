@@ -1,0 +1,121 @@
+"""AlignProp: backpropagate a differentiable reward through the sampling chain into the LoRA weights.
+
+The learner samples each minibatch itself, with DiffExp exploration inside the differentiable chain (each
+rollout's per-step CFG scales and prompt weighting, drawn from its seed exactly as the samplers draw
+them), through the same `guided_noise_pred` and `ddim_step_with_logprob` as DDPO. Gradients flow through
+the last K denoising steps only (K ~ U{k_min..k_max} per minibatch, AlignProp's randomized truncation;
+the steps before run without a graph), then through the VAE decode and the differentiable reward.
+Loss: -coeff x reward, or |target - reward|. LoRA only, grad-norm clipping, gradient checkpointing of the
+UNet with `algorithm.gradient_checkpointing`. Reward queries: every image scored for training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.exploration import plan_rollout
+from common.sampling import ddim_step_with_logprob, ddim_timesteps, guided_noise_pred, initial_noise
+from learner.algorithm import LoRALearner
+from rewards.combined import WeightedReward
+
+
+def sample_with_grad(model, cond, uncond, guidance: torch.Tensor, seeds: list[int], num_steps: int, eta: float,
+                     k: int) -> torch.Tensor:  # fmt: skip
+    """DDIM-sample final latents [B, C, h, w] from the seeds' noise, with gradients through the last `k` steps.
+
+    guidance [B, T]: per-sample, per-step CFG scales. The same noise as `sample_rollout` for the same seeds,
+    so with the same weights the two give the same latents.
+    """
+    sch = model.scheduler
+    device = model.device
+    ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
+    noise = initial_noise(seeds, num_steps, model.latent_shape).to(device)
+    guidance = guidance.to(device)
+    x = noise[:, 0]
+    final = float(sch.final_alpha_cumprod)
+    for i, t in enumerate(ts.tolist()):
+        on = i >= num_steps - k
+        with torch.set_grad_enabled(on):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+            eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
+            x, _ = ddim_step_with_logprob(
+                sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
+                noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
+            )  # fmt: skip
+        if not on:
+            x = x.detach()
+    return x
+
+
+class AlignPropLearner(LoRALearner):
+    uses_rollouts = False
+
+    def __init__(self, cfg: RunConfig, device: str = "cpu", model=None, reward: WeightedReward | None = None):
+        super().__init__(cfg, device, model)
+        self.reward = reward if reward is not None else WeightedReward(cfg.reward, device=str(self.model.device))
+        if not self.reward.differentiable:
+            bad = [name for name, _, r in self.reward.terms if not r.differentiable]
+            raise ValueError(f"algorithm.name=alignprop needs differentiable rewards; {bad} are not")
+
+    def truncation(self) -> int:
+        lo, hi = self.cfg.algorithm.alignprop.truncation
+        return int(torch.randint(lo, hi + 1, (1,), generator=self.rng))
+
+    def loss(self, reward: torch.Tensor) -> torch.Tensor:
+        ap = self.cfg.algorithm.alignprop
+        if ap.loss == "target":
+            return (ap.target - reward).abs().mean()
+        return -ap.coeff * reward.mean()
+
+    def minibatch_loss(self, prompts: list[str], seeds: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(loss, rewards [m] detached, per-term scores) of one minibatch sampled with gradients through k steps."""
+        s = self.cfg.sampling
+        plans = [plan_rollout(p, sd, self.cfg.exploration, s.num_steps, s.guidance_scale, True) for p, sd in zip(prompts, seeds)]
+        cond = self.model.condition([p.weighted_prompt for p in plans])
+        guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
+        latents = sample_with_grad(self.model, cond, self.uncond, guidance, seeds, s.num_steps, s.eta, k)
+        images = self.model.decode(latents)
+        total, parts = self.reward.differentiable_total(images, prompts)
+        return self.loss(total), total.detach().cpu(), parts
+
+    def train_prompts(self, prompts: list[str], seeds: list[int], on_progress=None) -> dict[str, float]:
+        """One epoch: minibatches of the prompts, sampled and scored with gradients, gradient accumulation,
+        grad-norm clipping. Returns the metrics the loop logs (reward_mean/std over the training images)."""
+        a = self.cfg.algorithm
+        unet = self.model.unet
+        unet.train()
+        rewards, losses, grad_norms, ks = [], [], [], []
+        terms: dict[str, list[torch.Tensor]] = {}
+        pending = 0
+        self.progress = 0
+        for start in range(0, len(prompts), a.minibatch_size):
+            ps, ss = prompts[start : start + a.minibatch_size], seeds[start : start + a.minibatch_size]
+            k = self.truncation()
+            loss, r, parts = self.minibatch_loss(ps, ss, k)
+            (loss / a.gradient_accumulation).backward()
+            rewards.append(r)
+            losses.append(float(loss.detach()))
+            ks.append(k)
+            for name, v in parts.items():
+                terms.setdefault(name, []).append(v)
+            pending += 1
+            self.progress = start + len(ps)
+            if on_progress is not None:
+                on_progress(self.progress)
+            if pending == a.gradient_accumulation:
+                grad_norms.append(self._step())
+                pending = 0
+        if pending:
+            grad_norms.append(self._step())
+        unet.eval()
+        self.version += 1
+        r = torch.cat(rewards)
+        out = {
+            "samples": len(prompts), "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
+            "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)), "truncation_k": float(np.mean(ks)),
+            "trained_samples": len(prompts), "policy_version": self.version,
+        }  # fmt: skip
+        out.update({f"reward_{name}_mean": float(torch.cat(v).mean()) for name, v in terms.items()})
+        return out
