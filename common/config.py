@@ -250,6 +250,9 @@ class ClusterConfig(_Strict):
         None, description="Ray address; null uses RAY_ADDRESS if set, else starts a local Ray."
     )
     num_samplers: int = Field(2, ge=1, description="Sampler actors.")
+    num_learners: int = Field(
+        1, ge=1, description="Data-parallel learner actors (gloo all-reduce of gradients; Ray backend only)."
+    )
     num_reward_actors: int = Field(1, ge=1, description="Reward actors.")
     sampler: ActorResources = Field(default_factory=ActorResources)
     reward: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.25))
@@ -341,6 +344,11 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"train.samples_per_epoch ({self.train.samples_per_epoch}) must be a multiple of "
                 f"train.prompts_per_epoch ({k})"
+            )
+        if self.cluster.backend == "local" and self.cluster.num_learners > 1:
+            raise ValueError(
+                f"cluster.num_learners must be 1 with cluster.backend=local (got {self.cluster.num_learners}): "
+                "data-parallel learners are Ray actors"
             )
         if self.algorithm.name == "alignprop" and self.replay.max_staleness:
             raise ValueError(

@@ -44,8 +44,11 @@ class LearnerActor:
         created with max_concurrency=2)."""
         return self.learner.progress
 
-    def train_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
-        """Take `num_items` scored batches, drop stale ones, run the DDPO update on the rest."""
+    def join_group(self, world: int, rank: int, group: str) -> int:
+        return self.learner.join_group(world, rank, group)
+
+    def take_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> list:
+        """Take `num_items` scored entries (entry id, [ObjectRef]) off the queue, unacknowledged."""
         self.learner.progress = 0
         got: list = []
         while len(got) < num_items:
@@ -53,6 +56,19 @@ class LearnerActor:
             if not part:
                 raise TimeoutError(f"learner: no scored rollouts arrived within {timeout:.0f} s")
             got += part
+        return got
+
+    def train_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
+        """Take `num_items` scored batches, drop stale ones, run the DDPO update on the rest, acknowledge."""
+        got = self.take_items(scored_queue, num_items, timeout)
+        metrics = self.train_got(got)
+        scored_queue.ack([e for e, _ in got])
+        return metrics
+
+    def train_got(self, got: list) -> dict:
+        """The DDPO update on taken entries (every data-parallel learner is given the same entries and
+        runs its share of the minibatches)."""
+        self.learner.progress = 0
         t0 = time.perf_counter()
         batches = ray.get([item[0] for _, item in got])
         # arrival order depends on which sampler finished first; train in seed order so runs are reproducible
@@ -63,7 +79,6 @@ class LearnerActor:
             metrics = self.learner.train(TrajectoryBatch.concat(fresh))
         else:
             metrics = {"policy_version": version}
-        scored_queue.ack([e for e, _ in got])
         rewards = torch.cat([b.rewards for b in batches])  # every scored sample, trained on or not
         metrics.update(
             dropped_stale=dropped,
@@ -81,6 +96,9 @@ class LearnerActor:
         m = self.learner.train_prompts(prompts, seeds)
         m.update(dropped_stale=0, staleness_max=0, time_learn=time.perf_counter() - t0)
         return m
+
+    def checksum(self) -> str:
+        return self.learner.checksum()
 
     def checkpoint_state(self) -> dict:
         return self.learner.checkpoint_state()

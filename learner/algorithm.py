@@ -57,7 +57,37 @@ class LoRALearner:
                                                weight_decay=a.weight_decay)  # fmt: skip
         self.version = 0
         self.progress = 0  # samples trained in the running (or last) update
-        self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)
+        self.rng = torch.Generator().manual_seed(cfg.train.seed + 99991)  # the same draws on every learner
+        self.world, self.rank, self.group = 1, 0, None
+
+    # ------------------------------------------------------------ data parallel
+    def join_group(self, world: int, rank: int, group: str) -> int:
+        """Join a gloo collective group of `world` learners (ray.util.collective, torch.distributed
+        underneath). Each learner then runs only its share of the minibatches, and the gradients are summed
+        across learners before every optimizer step, so all hold the same weights after it."""
+        if world > 1:
+            import ray.util.collective as col
+
+            col.init_collective_group(world, rank, backend="gloo", group_name=group)
+        self.world, self.rank, self.group = world, rank, group
+        return rank
+
+    def owns(self, minibatch_in_step: int) -> bool:
+        """Whether this learner runs the `minibatch_in_step`-th minibatch of an optimizer step."""
+        return minibatch_in_step % self.world == self.rank
+
+    def _allreduce_grads(self) -> None:
+        if self.world == 1:
+            return
+        import ray.util.collective as col
+
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        col.allreduce(flat, group_name=self.group)  # sum: each minibatch was run by exactly one learner
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
 
     # ------------------------------------------------------------------ weights
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
@@ -68,6 +98,7 @@ class LoRALearner:
         return lora_checksum(lora_state(self.model.unet))
 
     def _step(self) -> float:
+        self._allreduce_grads()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.algorithm.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

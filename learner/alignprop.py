@@ -92,14 +92,15 @@ class AlignPropLearner(LoRALearner):
         self.progress = 0
         for start in range(0, len(prompts), a.minibatch_size):
             ps, ss = prompts[start : start + a.minibatch_size], seeds[start : start + a.minibatch_size]
-            k = self.truncation()
-            loss, r, parts = self.minibatch_loss(ps, ss, k)
-            (loss / a.gradient_accumulation).backward()
-            rewards.append(r)
-            losses.append(float(loss.detach()))
-            ks.append(k)
-            for name, v in parts.items():
-                terms.setdefault(name, []).append(v)
+            k = self.truncation()  # drawn on every learner, so the draws stay in step
+            if self.owns(pending):  # data parallel: each learner runs its share of every step's minibatches
+                loss, r, parts = self.minibatch_loss(ps, ss, k)
+                (loss / a.gradient_accumulation).backward()
+                rewards.append(r)
+                losses.append(float(loss.detach()))
+                ks.append(k)
+                for name, v in parts.items():
+                    terms.setdefault(name, []).append(v)
             pending += 1
             self.progress = start + len(ps)
             if on_progress is not None:
@@ -111,11 +112,12 @@ class AlignPropLearner(LoRALearner):
             grad_norms.append(self._step())
         unet.eval()
         self.version += 1
-        r = torch.cat(rewards)
+        r = torch.cat(rewards) if rewards else torch.zeros(0)
         out = {
             "samples": len(prompts), "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
             "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)), "truncation_k": float(np.mean(ks)),
-            "trained_samples": len(prompts), "policy_version": self.version,
+            "trained_samples": int(r.numel()), "policy_version": self.version,
         }  # fmt: skip
         out.update({f"reward_{name}_mean": float(torch.cat(v).mean()) for name, v in terms.items()})
+        out["rewards"] = r  # this learner's share (data-parallel runs combine them); not logged
         return out

@@ -95,12 +95,13 @@ class DDPOLearner(LoRALearner):
             pending = 0
             for start in range(0, b, a.minibatch_size):
                 idx = perm[start : start + a.minibatch_size]
-                mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
-                if not first:  # before the epoch's first optimizer step: must be on-policy
-                    first = {"logprob_mismatch": mb_info["logprob_mismatch"], "ratio_mean": mb_info["ratio_mean"]}
-                for k in sums:
-                    sums[k] += mb_info[k]
-                n_mb += 1
+                if self.owns(pending):  # data parallel: each learner runs its share of every step's minibatches
+                    mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
+                    if not first:  # before the epoch's first optimizer step: must be on-policy
+                        first = {"logprob_mismatch": mb_info["logprob_mismatch"], "ratio_mean": mb_info["ratio_mean"]}
+                    for k in sums:
+                        sums[k] += mb_info[k]
+                    n_mb += 1
                 done += len(idx)
                 self.progress = done
                 if on_progress is not None:

@@ -10,6 +10,7 @@ and trajectories are at most one version old.
 from __future__ import annotations
 
 import math
+import uuid
 
 import ray
 import torch
@@ -25,6 +26,18 @@ from learner.loop import EvalResult, Trainer, WeightSyncError, epoch_prompts  # 
 def _opts(r: ActorResources, wait_policy: str) -> dict:
     env = {"OMP_WAIT_POLICY": wait_policy, "OMP_NUM_THREADS": str(r.torch_threads)}
     return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": {"env_vars": env}}
+
+
+def _combine_shares(ms: list[dict]) -> dict:
+    """One epoch's metrics from data-parallel AlignProp learners, each reporting its share of the images."""
+    rewards = torch.cat([m.pop("rewards") for m in ms])
+    out = dict(ms[0])
+    out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)),
+               trained_samples=int(rewards.numel()))  # fmt: skip
+    for k in ms[0]:
+        if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean":
+            out[k] = sum(m[k] * m["trained_samples"] for m in ms) / max(sum(m["trained_samples"] for m in ms), 1)
+    return out
 
 
 def _split(n: int, parts: int) -> list[int]:
@@ -44,8 +57,13 @@ class RaySystem:
         self.samplers = [sampler_cls.options(**_opts(c.sampler, w)).remote(cfg, i) for i in range(c.num_samplers)]
         self.rewarders = [reward_cls.options(**_opts(c.reward, w)).remote(cfg, i) for i in range(c.num_reward_actors)]
         # two threads: progress() is answered while train_items runs
-        self.learner = ray.remote(LearnerActor).options(max_concurrency=2, **_opts(c.learner, w)).remote(cfg)
-        ray.get([a.ready.remote() for a in self.samplers + self.rewarders] + [self.learner.publish.remote()])
+        learner_cls = ray.remote(LearnerActor).options(max_concurrency=2, **_opts(c.learner, w))
+        self.learners = [learner_cls.remote(cfg) for _ in range(c.num_learners)]
+        self.learner = self.learners[0]  # publishes weights, takes rollouts off the queue, checkpoints
+        ray.get([a.ready.remote() for a in self.samplers + self.rewarders] + [lr.publish.remote() for lr in self.learners])
+        if c.num_learners > 1:  # one gloo group: gradients are summed across learners before every step
+            group = f"learners-{uuid.uuid4().hex[:8]}"
+            ray.get([lr.join_group.remote(c.num_learners, r, group) for r, lr in enumerate(self.learners)])
         self._ahead = None  # (sampler futures, reward futures, items) of an epoch launched in advance
 
     @property
@@ -54,7 +72,7 @@ class RaySystem:
 
     def shutdown(self) -> None:
         """Stop every actor of this run (the Ray cluster itself stays up)."""
-        for a in self.samplers + self.rewarders + [self.learner, self.rollout_q.actor, self.scored_q.actor]:
+        for a in self.samplers + self.rewarders + self.learners + [self.rollout_q.actor, self.scored_q.actor]:
             ray.kill(a)
 
     def sync_weights(self) -> tuple[int, str]:
@@ -99,23 +117,33 @@ class RaySystem:
     ) -> dict:
         """One epoch through the actors. With `next_inputs` (max_staleness >= 1) the next epoch's sampling
         starts as soon as this epoch's rollouts are out of the samplers, before the learner trains."""
-        if self.cfg.algorithm.name == "alignprop":  # the learner samples with gradients; no rollouts to move
-            learn = self.learner.train_prompts.remote(*inputs)
+        if self.cfg.algorithm.name == "alignprop":  # the learners sample with gradients; no rollouts to move
+            learns = [lr.train_prompts.remote(*inputs) for lr in self.learners]
             n = len(inputs[0])
-            while progress is not None and not ray.wait([learn], timeout=1.0)[0]:
+            while progress is not None and len(ray.wait(learns, num_returns=len(learns), timeout=1.0)[0]) < len(learns):
                 k = ray.get(self.learner.progress.remote())
                 progress.update(sampled=k, scored=k, trained=k)
-            m = ray.get(learn)
+            ms = ray.get(learns)
             if progress is not None:
                 progress.update(sampled=n, scored=n, trained=n)
+            m = _combine_shares(ms)
             m.update(time_sample=0.0, time_reward=0.0)
+            self._check_learners_agree()
             return m
         launch, self._ahead = self._ahead or self.launch_sampling(*inputs), None
         futs, rfuts, items, base = launch
         if next_inputs is not None:
             sample_stats = ray.get(futs)
             self._ahead = self.launch_sampling(*next_inputs)
-        learn = self.learner.train_items.remote(self.scored_q, items)
+        if len(self.learners) == 1:
+            learn = self.learner.train_items.remote(self.scored_q, items)
+        else:  # every learner gets the same entries and runs its share of the minibatches
+            take = self.learner.take_items.remote(self.scored_q, items)
+            while progress is not None and not ray.wait([take], timeout=1.0)[0]:
+                self._progress(progress, base, len(inputs[0]))
+            got = ray.get(take)
+            learns = [lr.train_got.remote(got) for lr in self.learners]
+            learn = learns[0]
         if progress is not None:
             while not ray.wait([learn], timeout=1.0)[0]:
                 self._progress(progress, base, len(inputs[0]))
@@ -123,6 +151,10 @@ class RaySystem:
             sample_stats = ray.get(futs)
         reward_stats = ray.get(rfuts)
         m = ray.get(learn)
+        if len(self.learners) > 1:
+            ray.get(learns)
+            self.scored_q.ack([e for e, _ in got])
+            self._check_learners_agree()
         if progress is not None:
             self._progress(progress, base, len(inputs[0]))
         if self._ahead is not None:
@@ -153,8 +185,15 @@ class RaySystem:
         return EvalResult(torch.cat([b.images for b in batches]), torch.cat([t for t, _ in scores]), parts,
                           versions.pop())  # fmt: skip
 
+    def _check_learners_agree(self) -> None:
+        """Data-parallel learners must hold identical weights after every update."""
+        if len(self.learners) > 1:
+            sums = ray.get([lr.checksum.remote() for lr in self.learners])
+            if len(set(sums)) > 1:
+                raise WeightSyncError(f"data-parallel learners diverged: LoRA checksums {sums}")
+
     def checkpoint_state(self) -> dict:
         return ray.get(self.learner.checkpoint_state.remote())
 
     def restore(self, learner_state: dict, lora: dict) -> None:
-        ray.get(self.learner.restore.remote(learner_state, lora))
+        ray.get([lr.restore.remote(learner_state, lora) for lr in self.learners])

@@ -59,6 +59,7 @@ class LocalSystem:
         t0 = time.perf_counter()
         if not self.learner.uses_rollouts:  # AlignProp: the learner samples and scores with gradients
             m = self.learner.train_prompts(prompts, seeds, lambda n: progress.update(sampled=n, scored=n, trained=n))
+            m.pop("rewards")
             m.update(dropped_stale=0, staleness_max=0, time_sample=0.0, time_reward=0.0, time_learn=time.perf_counter() - t0)
             return m
         batch = self.gen.generate(prompts, seeds, explore=True, on_batch=lambda n: progress.update(sampled=n))
