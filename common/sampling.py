@@ -118,6 +118,44 @@ def initial_noise(seeds: list[int], num_steps: int, shape: tuple[int, ...]) -> t
     return torch.stack(out)
 
 
+def denoise(
+    model: DiffusionModel,
+    cond: Cond,
+    uncond: Cond,
+    guidance: torch.Tensor,
+    noise: torch.Tensor,
+    eta: float,
+    grad_steps: int = 0,
+):
+    """The DDIM chain from `noise` [B, T+1, C, h, w] (`initial_noise`: x_T, then one draw per step): yields
+    (x_{t-1} [B, C, h, w], log-prob [B]) step by step.
+
+    guidance [B, T]: per-sample, per-step CFG scales. Gradients flow through the last `grad_steps` steps
+    only (the steps before run without a graph): 0 for the samplers, K for AlignProp's truncation. Both
+    uses share this one loop, so for the same seeds and weights they produce the same latents.
+    """
+    sch = model.scheduler
+    device = model.device
+    num_steps = noise.shape[1] - 1
+    ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
+    noise = noise.to(device)
+    cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
+    x = noise[:, 0]
+    final = float(sch.final_alpha_cumprod)
+    for i, t in enumerate(ts.tolist()):
+        on = i >= num_steps - grad_steps and torch.is_grad_enabled()
+        with torch.set_grad_enabled(on):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+            eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
+            x, lp = ddim_step_with_logprob(
+                sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
+                noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
+            )  # fmt: skip
+        if not on:
+            x = x.detach()
+        yield x, lp
+
+
 @torch.no_grad()
 def sample_rollout(
     model: DiffusionModel,
@@ -128,22 +166,13 @@ def sample_rollout(
     num_steps: int,
     eta: float,
 ) -> Rollout:
-    """DDIM-sample B latents with per-sample, per-step guidance [B, T], recording log-probs."""
+    """DDIM-sample B latents with per-sample, per-step guidance [B, T], recording the chain and log-probs."""
     sch = model.scheduler
-    device = model.device
     ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
-    noise = initial_noise(seeds, num_steps, model.latent_shape).to(device)
-    x = noise[:, 0]
-    chain, logps = [x], []
-    cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
-    final = float(sch.final_alpha_cumprod)
-    for i, t in enumerate(ts.tolist()):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
-        x, lp = ddim_step_with_logprob(
-            sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
-            noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
-        )  # fmt: skip
+    noise = initial_noise(seeds, num_steps, model.latent_shape)
+    chain = [noise[:, 0].to(model.device)]
+    logps = []
+    for x, lp in denoise(model, cond, uncond, guidance, noise, eta):
         chain.append(x)
         logps.append(lp)
     return Rollout(torch.stack(chain, 1).cpu(), torch.stack(logps, 1).cpu(), ts)

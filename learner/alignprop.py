@@ -16,36 +16,17 @@ import torch
 
 from common.config import RunConfig
 from common.exploration import plan_rollout
-from common.sampling import ddim_step_with_logprob, ddim_timesteps, guided_noise_pred, initial_noise
+from common.sampling import denoise, initial_noise
 from learner.algorithm import LoRALearner
 from rewards.combined import WeightedReward
 
 
 def sample_with_grad(model, cond, uncond, guidance: torch.Tensor, seeds: list[int], num_steps: int, eta: float,
                      k: int) -> torch.Tensor:  # fmt: skip
-    """DDIM-sample final latents [B, C, h, w] from the seeds' noise, with gradients through the last `k` steps.
-
-    guidance [B, T]: per-sample, per-step CFG scales. The same noise as `sample_rollout` for the same seeds,
-    so with the same weights the two give the same latents.
-    """
-    sch = model.scheduler
-    device = model.device
-    ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
-    noise = initial_noise(seeds, num_steps, model.latent_shape).to(device)
-    guidance = guidance.to(device)
-    x = noise[:, 0]
-    final = float(sch.final_alpha_cumprod)
-    for i, t in enumerate(ts.tolist()):
-        on = i >= num_steps - k
-        with torch.set_grad_enabled(on):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-            eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
-            x, _ = ddim_step_with_logprob(
-                sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
-                noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
-            )  # fmt: skip
-        if not on:
-            x = x.detach()
+    """Final latents [B, C, h, w] of the samplers' DDIM chain (`denoise`), with gradients through the last `k` steps."""
+    x = None
+    for x, _ in denoise(model, cond, uncond, guidance, initial_noise(seeds, num_steps, model.latent_shape), eta, grad_steps=k):
+        pass
     return x
 
 

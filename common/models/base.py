@@ -18,6 +18,7 @@ is one subclass in its own file (`sd.py`, `sdxl.py`) registered by its pipeline 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -49,7 +50,7 @@ def cond_to(cond: Cond, device, dtype: torch.dtype | None = None) -> Cond:
     return {k: v.to(device, dtype) if dtype is not None else v.to(device) for k, v in cond.items()}
 
 
-class DiffusionModel:
+class DiffusionModel(ABC):
     """A loaded pipeline seen through the interface the algorithms use (see the module docstring)."""
 
     family: ClassVar[str] = ""
@@ -67,25 +68,25 @@ class DiffusionModel:
         self._empty: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
     def _text_encoders(self, pipe) -> list[tuple[object, torch.nn.Module]]:
         """(tokenizer, text encoder) pairs in the order their states are concatenated."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _run_encoder(self, i: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder i on token ids [N, L] -> (per-token states [N, L, D], pooled [N, P] or None), float32."""
-        raise NotImplementedError
 
+    @abstractmethod
     def condition(self, prompts: list[WeightedPrompt]) -> Cond:
         """Conditioning [B, ...] of each (re-weighted) prompt."""
-        raise NotImplementedError
 
+    @abstractmethod
     def negative(self) -> Cond:
         """The CFG negative (empty prompt in the model's convention), batch 1."""
-        raise NotImplementedError
 
+    @abstractmethod
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         """One UNet call: model output [N, C, h, w] (float32) for latents [N, ...], timesteps [N], cond [N, ...]."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ shared parts
     @property

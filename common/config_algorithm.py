@@ -1,0 +1,109 @@
+"""The training algorithm's configuration section (`algorithm.*`): DDPO's and AlignProp's knobs.
+
+Re-exported by common.config, where the whole run's configuration (`RunConfig`) is assembled.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from common.config_base import _Strict
+
+
+class StatTrackerConfig(_Strict):
+    per_prompt: bool = Field(True, description="Normalise rewards per prompt (DDPO) instead of per batch.")
+    buffer_size: int = Field(32, ge=1, description="Rewards kept per prompt (most recent).")
+    min_count: int = Field(
+        8, ge=1, description="Below this many rewards for a prompt, the batch's mean and std are used."
+    )
+
+
+class AlignPropConfig(_Strict):
+    truncation: tuple[int, int] = Field(
+        (1, 1),
+        description="[k_min, k_max]: gradients flow through the last K denoising steps, K ~ U{k_min..k_max} per "
+        "minibatch (AlignProp's randomized truncation); equal bounds fix K. Larger K reaches the early steps, "
+        "where a composition's layout is decided, at the cost of memory (use gradient_checkpointing) and time.",
+    )
+    loss: Literal["reward", "target"] = Field(
+        "reward", description="reward: minimise -coeff x reward; target: minimise |target - reward|."
+    )
+    coeff: float = Field(1.0, gt=0, description="Scale of the reward loss.")
+    target: float | None = Field(None, description="For loss=target: the reward to aim at.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignPropConfig:
+        lo, hi = self.truncation
+        if not 1 <= lo <= hi:
+            raise ValueError(f"truncation must be [k_min, k_max] with 1 <= k_min <= k_max (got {list(self.truncation)})")
+        if self.loss == "target" and self.target is None:
+            raise ValueError("loss=target needs a target reward (alignprop.target)")
+        return self
+
+
+class AlgorithmConfig(_Strict):
+    @field_validator("timestep_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError(f"must be [start, end) with 0 <= start < end <= 1 (got {list(v)})")
+        return v
+
+    name: Literal["ddpo", "alignprop"] = Field(
+        "ddpo",
+        description="ddpo: policy gradient on the samplers' rollouts. alignprop: the learner samples with "
+        "gradients and backpropagates a differentiable reward through the last K steps (algorithm.alignprop).",
+    )
+    alignprop: AlignPropConfig = Field(default_factory=AlignPropConfig)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="adamw (DDPO's choice) or sgd with momentum adam_betas[0]. AdamW moves every LoRA weight by "
+        "~learning_rate per step whatever its gradient's size; SGD's steps follow the gradient's size.",
+    )
+    learning_rate: float = Field(3e-4, gt=0, description="Learning rate of the LoRA weights.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (sgd: momentum = the first).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip before each optimizer step.")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (DDPO uses 1e-4).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to [-adv_clip_max, adv_clip_max].")
+    timestep_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained on (random per sample)."
+    )
+    timestep_window: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="Fractions [start, end) of the denoising steps (0 = the noisiest, first step) that training "
+        "draws its timesteps from; timestep_fraction then picks among these. (0, 0.5) trains only the early "
+        "steps, where the layout is decided: half the learner's cost, and no gradient noise from steps that "
+        "barely change a composition reward.",
+    )
+    inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's samples.")
+    minibatch_size: int = Field(8, ge=1, description="Samples per gradient-accumulation microbatch.")
+    gradient_accumulation: int = Field(
+        2, ge=1, description="Microbatches per optimizer step (effective batch = minibatch_size x this)."
+    )
+    timestep_chunk: int = Field(
+        0, ge=0, description="Timesteps per UNet forward in training (0 = all at once; lower to save memory)."
+    )
+    max_unet_batch: int = Field(
+        0,
+        ge=0,
+        description="Memory bound of the update: at most this many images per UNet call, counting both halves "
+        "of each CFG pair (so a minibatch of 8 samples x 10 timesteps is 160). 0 = no bound. The (sample, "
+        "timestep) pairs of a minibatch are split into calls of at most max_unet_batch / 2; the gradient is "
+        "the same (DDPO's loss is a sum over them).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute UNet activations in the backward pass: much less memory, more compute."
+    )
+    stat_tracking: StatTrackerConfig = Field(default_factory=StatTrackerConfig)
+
+
+def window_steps(num_steps: int, window: tuple[float, float], fraction: float) -> tuple[list[int], int]:
+    """(indices of the denoising steps inside `window`, how many of them each sample trains on).
+    Step indices count from the noisiest step (0); at least one step is kept."""
+    lo = min(int(window[0] * num_steps), num_steps - 1)
+    hi = max(lo + 1, round(window[1] * num_steps))
+    idx = list(range(lo, hi))
+    return idx, max(1, int(len(idx) * fraction))
