@@ -1,116 +1,206 @@
-"""The replay queue between samplers, reward actors and the learner.
+"""The trajectory queues between samplers, reward actors and the learner: one protocol, two backends.
 
-One small protocol (`ReplayQueue`): put items, get up to n of them (each with
-an entry id), acknowledge what was processed, and count. Items are lists
-holding one Ray ObjectRef of a TrajectoryBatch, so trajectories stay in the
-object store and only references travel through the queue. An unacknowledged
-item can be handed out again (`requeue_pending`), which is what an
-at-least-once backend such as Redis Streams with consumer groups provides.
+`TrajectoryQueue` is typed on `TrajectoryBatch`: callers put and get batches, never Ray object refs or
+backend handles. On the wire every entry is the batch's own safe byte format (safetensors + one JSON
+document, `TrajectoryBatch.to_bytes`), never pickle, whichever backend holds it.
 
-The embedded backend is an async Ray actor: nothing to install.
+Delivery is at least once with idempotent puts, which together give exactly-once processing when actors
+die:
+- `put` is keyed on `batch.batch_id` (deterministic for training rollouts: epoch and first seed), so a
+  batch sampled or scored again by a restarted actor enters the queue once; `puts(epoch)` counts the
+  distinct batches ever put, which is how an epoch knows it is complete.
+- `get` hands entries to a named consumer, where they stay pending until `ack`. A restarted actor takes
+  back its own unacknowledged entries with `pending(consumer)`; another one can take over entries left
+  pending past a timeout with `claim`.
+- Every entry carries its epoch and policy version, and `get(..., epoch=e)` returns only epoch e's
+  entries, so overlapped sampling can never mix one epoch's trajectories into the next one's update.
+
+Backends (`replay.backend`): `embedded` (an async Ray actor holding the bytes in memory; nothing to
+install; the default) and `redis` (Redis Streams, actors/replay_redis.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Protocol
 
-import ray
-
-
-class ReplayQueue(Protocol):
-    def put(self, item: Any) -> str: ...
-
-    def get(self, max_items: int, timeout: float) -> list[tuple[str, Any]]: ...
-
-    def ack(self, entry_ids: list[str]) -> int: ...
-
-    def __len__(self) -> int: ...
+from common.trajectory import TrajectoryBatch
 
 
-@ray.remote(num_cpus=0)
-class _QueueActor:
-    """Holds entries in FIFO order; get() waits (without polling) until something arrives."""
+class TrajectoryQueue(Protocol):
+    """What samplers, reward actors, learners and the driver may do with a queue."""
+
+    def put(self, batch: TrajectoryBatch) -> str | None:
+        """Append `batch` (its epoch and policy version travel with it); returns the entry id, or None if a
+        batch with the same batch_id was put before (nothing is added)."""
+
+    def get(
+        self, max_items: int, timeout: float, consumer: str, epoch: int | None = None
+    ) -> list[tuple[str, TrajectoryBatch]]:
+        """Up to `max_items` new entries (of `epoch` only, if given) for `consumer`, waiting up to `timeout`
+        seconds for the first; they stay pending on `consumer` until acknowledged."""
+
+    def ack(self, entry_ids: list[str]) -> int:
+        """Mark entries processed (they leave the queue); returns how many were pending."""
+
+    def pending(self, consumer: str, epoch: int | None = None) -> list[tuple[str, TrajectoryBatch]]:
+        """`consumer`'s own unacknowledged entries (a restarted actor resumes its unfinished work)."""
+
+    def claim(self, consumer: str, min_idle_s: float, max_items: int) -> list[tuple[str, TrajectoryBatch]]:
+        """Take over up to `max_items` entries pending on any consumer for at least `min_idle_s` seconds."""
+
+    def puts(self, epoch: int | None = None) -> int:
+        """Distinct batches ever put (of `epoch`, if given)."""
+
+    def __len__(self) -> int:
+        """Entries put and not yet acknowledged (waiting or pending)."""
+
+    def close(self) -> None:
+        """Release the queue's resources (the embedded actor; the Redis streams of this run)."""
+
+
+def decode_entry(data: bytes, where: str) -> TrajectoryBatch:
+    """Parse an entry's bytes; anything but a trajectory raises ValueError naming where it was read."""
+    try:
+        return TrajectoryBatch.from_bytes(data)
+    except ValueError as err:
+        raise ValueError(f"{where}: not a trajectory entry ({err}); entries are never unpickled") from None
+
+
+class _QueueState:
+    """The embedded backend's state: entries as bytes, FIFO per epoch; get() waits without polling."""
 
     def __init__(self) -> None:
-        self.ready: deque[tuple[str, Any]] = deque()
-        self.pending: dict[str, Any] = {}
-        self.counter = itertools.count()
-        self.puts = 0
+        self.ready: dict[int, deque[str]] = {}  # epoch -> entry ids in put order
+        self.data: dict[str, tuple[int, bytes]] = {}  # entry id -> (epoch, bytes), until acked
+        self.pending_on: dict[str, tuple[str, float]] = {}  # entry id -> (consumer, time delivered)
+        self.keys: set[str] = set()
+        self.count: dict[int, int] = {}
+        self.next_id = 0
         self.cond = asyncio.Condition()
 
-    async def put(self, item: Any) -> str:
-        entry_id = f"{next(self.counter)}"
-        self.puts += 1
+    async def put(self, key: str, epoch: int, data: bytes) -> str | None:
         async with self.cond:
-            self.ready.append((entry_id, item))
+            if key in self.keys:
+                return None
+            self.keys.add(key)
+            entry_id = f"{self.next_id}"
+            self.next_id += 1
+            self.data[entry_id] = (epoch, data)
+            self.ready.setdefault(epoch, deque()).append(entry_id)
+            self.count[epoch] = self.count.get(epoch, 0) + 1
             self.cond.notify_all()
-        return entry_id
+            return entry_id
 
-    async def get(self, max_items: int, timeout: float) -> list[tuple[str, Any]]:
+    def _waiting(self, epoch: int | None) -> list[deque[str]]:
+        if epoch is not None:
+            return [self.ready[epoch]] if self.ready.get(epoch) else []
+        return [q for _, q in sorted(self.ready.items()) if q]
+
+    async def get(self, max_items: int, timeout: float, consumer: str, epoch: int | None) -> list[tuple[str, bytes]]:
         async with self.cond:
             try:
-                await asyncio.wait_for(self.cond.wait_for(lambda: len(self.ready) > 0), timeout)
+                await asyncio.wait_for(self.cond.wait_for(lambda: bool(self._waiting(epoch))), timeout)
             except asyncio.TimeoutError:
                 return []
             out = []
-            while self.ready and len(out) < max_items:
-                entry_id, item = self.ready.popleft()
-                self.pending[entry_id] = item
-                out.append((entry_id, item))
+            for q in self._waiting(epoch):
+                while q and len(out) < max_items:
+                    entry_id = q.popleft()
+                    self.pending_on[entry_id] = (consumer, time.monotonic())
+                    out.append((entry_id, self.data[entry_id][1]))
             return out
 
     async def ack(self, entry_ids: list[str]) -> int:
-        return sum(self.pending.pop(e, None) is not None for e in entry_ids)
+        n = 0
+        for e in entry_ids:
+            if self.pending_on.pop(e, None) is not None:
+                self.data.pop(e, None)
+                n += 1
+        return n
 
-    async def requeue_pending(self) -> int:
-        async with self.cond:
-            n = len(self.pending)
-            for entry in sorted(self.pending.items(), key=lambda kv: int(kv[0]), reverse=True):
-                self.ready.appendleft(entry)
-            self.pending.clear()
-            self.cond.notify_all()
-            return n
+    async def pending(self, consumer: str, epoch: int | None) -> list[tuple[str, bytes]]:
+        return [(e, self.data[e][1]) for e, (c, _) in sorted(self.pending_on.items(), key=lambda kv: int(kv[0]))
+                if c == consumer and (epoch is None or self.data[e][0] == epoch)]  # fmt: skip
 
-    async def size(self) -> tuple[int, int]:
-        return len(self.ready), len(self.pending)
+    async def claim(self, consumer: str, min_idle_s: float, max_items: int) -> list[tuple[str, bytes]]:
+        now = time.monotonic()
+        out = []
+        for e, (_, t) in sorted(self.pending_on.items(), key=lambda kv: int(kv[0])):
+            if len(out) < max_items and now - t >= min_idle_s:
+                self.pending_on[e] = (consumer, now)
+                out.append((e, self.data[e][1]))
+        return out
 
-    async def total_puts(self) -> int:
-        """Items ever put (progress: the driver compares it with its value at an epoch's launch)."""
-        return self.puts
+    async def puts(self, epoch: int | None) -> int:
+        return sum(self.count.values()) if epoch is None else self.count.get(epoch, 0)
+
+    async def size(self) -> int:
+        return len(self.data)
 
 
-class EmbeddedReplayQueue:
-    """Client of an in-Ray queue actor; picklable, so actors can be handed the same queue."""
+class EmbeddedTrajectoryQueue:
+    """Client of an in-Ray queue actor (created here, or shared: the client pickles to its actor handle).
+
+    The actor holds each entry's bytes in its own memory, so entries survive the death of the actor that
+    put them (a Ray object would die with its owner). The queue actor itself is not restarted: if it
+    dies, the run stops; the Redis backend is the one that survives restarts.
+    """
 
     def __init__(self, actor=None):
-        self.actor = actor if actor is not None else _QueueActor.remote()
+        import ray
 
-    def put(self, item: Any) -> str:
-        return ray.get(self.actor.put.remote(item))
+        if actor is None:
+            actor = ray.remote(num_cpus=0)(_QueueState).remote()
+        self.actor = actor
 
-    def get(self, max_items: int, timeout: float = 60.0) -> list[tuple[str, Any]]:
-        return ray.get(self.actor.get.remote(max_items, timeout))
+    def _call(self, method: str, *args):
+        import ray
+
+        return ray.get(getattr(self.actor, method).remote(*args))
+
+    def put(self, batch: TrajectoryBatch) -> str | None:
+        return self._call("put", batch.batch_id, batch.epoch, batch.to_bytes())
+
+    def get(self, max_items: int, timeout: float, consumer: str, epoch: int | None = None):
+        got = self._call("get", max_items, timeout, consumer, epoch)
+        return [(e, decode_entry(d, f"embedded queue entry {e}")) for e, d in got]
 
     def ack(self, entry_ids: list[str]) -> int:
-        return ray.get(self.actor.ack.remote(entry_ids))
+        return self._call("ack", list(entry_ids))
 
-    def requeue_pending(self) -> int:
-        return ray.get(self.actor.requeue_pending.remote())
+    def pending(self, consumer: str, epoch: int | None = None):
+        return [(e, decode_entry(d, f"embedded queue entry {e}")) for e, d in self._call("pending", consumer, epoch)]
+
+    def claim(self, consumer: str, min_idle_s: float, max_items: int):
+        got = self._call("claim", consumer, min_idle_s, max_items)
+        return [(e, decode_entry(d, f"embedded queue entry {e}")) for e, d in got]
+
+    def puts(self, epoch: int | None = None) -> int:
+        return self._call("puts", epoch)
 
     def __len__(self) -> int:
-        return ray.get(self.actor.size.remote())[0]
+        return self._call("size")
 
-    def total_puts(self) -> int:
-        return ray.get(self.actor.total_puts.remote())
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
     def __reduce__(self):
-        return (EmbeddedReplayQueue, (self.actor,))
+        return (EmbeddedTrajectoryQueue, (self.actor,))
 
 
-def make_queue(backend: str) -> ReplayQueue:
-    if backend == "embedded":
-        return EmbeddedReplayQueue()
-    raise ValueError(f"replay.backend: unknown backend {backend!r}; use 'embedded'")
+def make_queue(cfg, stage: str, run_id: str) -> TrajectoryQueue:
+    """The queue of one pipeline stage (`rollouts`: sampler -> reward; `scored`: reward -> learner) of a
+    run, on the backend `cfg` (a ReplayConfig) names."""
+    if cfg.backend == "embedded":
+        return EmbeddedTrajectoryQueue()
+    if cfg.backend == "redis":
+        from actors.replay_redis import RedisTrajectoryQueue
+
+        return RedisTrajectoryQueue(cfg.redis_url, f"{cfg.redis_prefix}:{run_id}:{stage}", maxlen=cfg.redis_maxlen,
+                                    fresh=True)  # fmt: skip
+    raise ValueError(f"replay.backend: unknown backend {cfg.backend!r}; use 'embedded' or 'redis'")

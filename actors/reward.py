@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
 
-import ray
 import torch
 
 from actors.common import peak_rss_mb, setup_actor
@@ -22,7 +22,6 @@ class RewardActor:
         self.cfg = cfg
         self.reward = WeightedReward(cfg.reward, device=device)  # learned rewards load their models once, here
         self.eval_reward = WeightedReward(cfg.eval.reward, device=device) if cfg.eval.reward else self.reward
-        self.term_sums: dict[str, float] = {}
 
     def ready(self) -> int:
         return self.index
@@ -30,37 +29,53 @@ class RewardActor:
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
 
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
+
     def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
+        """Set each batch's rewards and per-term scores (reward_terms), scoring them together."""
         big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]
-        total, parts = self.score_batch(big)
-        for name, v in parts.items():  # each term's raw score, summed for the epoch's per-term means
-            self.term_sums[name] = self.term_sums.get(name, 0.0) + float(v.sum())
-        out, start = [], 0
+        total, parts = score_in_batches(self.reward, big.images_float(), big.prompts, self.cfg.reward.batch_size,
+                                        keep_nonfinite=True)  # the learner drops and counts them  # fmt: skip
+        start = 0
         for b in batches:
             b.rewards = total[start : start + len(b)].clone()
+            b.reward_terms = {k: v[start : start + len(b)].clone() for k, v in parts.items()}
             start += len(b)
-            out.append(b)
-        return out
+        return batches
 
-    def score_items(self, rollout_queue, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
-        """Take `num_items` rollout batches from `rollout_queue`, score them,
-        push each to `scored_queue`, acknowledge them."""
-        t_busy = 0.0
-        done = samples = 0
-        self.term_sums = {}
-        while done < num_items:
-            got = rollout_queue.get(num_items - done, timeout)
+    def score_epoch(self, rollout_queue, scored_queue, epoch: int, num_items: int, timeout: float = 600.0,
+                    claim_after_s: float = 120.0) -> dict:  # fmt: skip
+        """Score epoch `epoch`'s rollout batches until the scored queue holds all `num_items` of them.
+
+        Several reward actors share the work (whoever gets an entry scores it). A restarted actor first
+        takes back the entries it had been given and not acknowledged; entries another consumer left
+        pending for `claim_after_s` are taken over. A batch scored twice is put once (idempotent put)."""
+        consumer = f"reward-{self.index}"
+        per_call = max(1, self.cfg.reward.batch_size // self.cfg.sampling.batch_size)  # entries scored together
+        t_busy, scored = 0.0, 0
+        got = rollout_queue.pending(consumer, epoch)
+        last = time.monotonic()
+        while True:
             if not got:
-                raise TimeoutError(f"reward actor {self.index}: no rollouts arrived within {timeout:.0f} s")
+                if scored_queue.puts(epoch) >= num_items:
+                    break
+                got = rollout_queue.get(per_call, 1.0, consumer, epoch)
+                if not got:
+                    got = rollout_queue.claim(consumer, claim_after_s, per_call)
+                if not got:
+                    if time.monotonic() - last > timeout:
+                        raise TimeoutError(f"reward actor {self.index}: no rollouts of epoch {epoch} arrived within {timeout:.0f} s")
+                    continue
             t0 = time.perf_counter()
-            batches = ray.get([item[0] for _, item in got])
-            for b in self._score(batches):
-                scored_queue.put([ray.put(b)])
-                samples += len(b)
+            for b in self._score([b for _, b in got]):
+                scored_queue.put(b)
+                scored += len(b)
             rollout_queue.ack([e for e, _ in got])
             t_busy += time.perf_counter() - t0
-            done += len(got)
-        return {"items": done, "samples": samples, "time_reward": t_busy, "term_sums": dict(self.term_sums)}
+            last, got = time.monotonic(), []
+        return {"samples_scored": scored, "time_reward": t_busy}
 
     def score_batch(self, batch: TrajectoryBatch, details: bool = False, evaluation: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rewards [B], per-term scores [B] by name, plus components with `details`) of training or

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 
-import ray
 import torch
 
 from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.rollouts import RolloutGenerator
+
+
+def rollout_batch_id(epoch: int, seed: int) -> str:
+    """A training batch's identity: the same after a restarted sampler samples it again."""
+    return f"e{epoch}-s{seed}"
 
 
 class SamplerActor:
@@ -25,6 +30,10 @@ class SamplerActor:
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
 
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
+
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
         """Load the LoRA state of `version` (Ray resolves the shared ObjectRef); answer (version, checksum)."""
         return self.gen.set_weights(version, state)
@@ -32,14 +41,21 @@ class SamplerActor:
     def lora_state(self) -> dict[str, torch.Tensor]:
         return self.gen.lora_state()
 
-    def sample(self, queue, prompts: list[str], seeds: list[int]) -> dict:
-        """Sample training rollouts in sampler batches, pushing each batch to `queue` as soon as it is done."""
+    def sample(self, queue, prompts: list[str], seeds: list[int], epoch: int, weights: tuple[int, list] | None) -> dict:
+        """Sample epoch `epoch`'s training rollouts in sampler batches, putting each batch to `queue` as soon
+        as it is done. `weights` = (version, [ObjectRef of the LoRA state]) the rollouts must come from: a
+        sampler restarted by Ray after a crash holds its initial weights and loads these first."""
+        import ray
+
+        if weights is not None and self.gen.version != weights[0]:
+            self.gen.set_weights(weights[0], ray.get(weights[1][0]))
         t0 = time.perf_counter()
         bs = self.gen.cfg.sampling.batch_size
         items = 0
         for i in range(0, len(prompts), bs):
             batch = self.gen.generate(prompts[i : i + bs], seeds[i : i + bs], explore=True)
-            queue.put([ray.put(batch)])
+            batch.epoch, batch.batch_id = epoch, rollout_batch_id(epoch, seeds[i])
+            queue.put(batch)
             items += 1
         return {"items": items, "samples": len(prompts), "time_sample": time.perf_counter() - t0}
 

@@ -173,10 +173,32 @@ class ClusterConfig(_Strict):
         "the others (measured: 8 images took 67 s instead of 1.2 s beside a busy process).",
     )
     local_dashboard: bool = Field(True, description="Start the Ray dashboard with a locally started Ray.")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times Ray restarts a dead sampler or reward actor (preempted, OOM-killed); its unfinished "
+        "task runs again and un-acknowledged queue entries are taken back, so nothing is lost or counted twice.",
+    )
+    start_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds to wait for every actor to start before stopping with one line."
+    )
 
 
 class ReplayConfig(_Strict):
-    backend: Literal["embedded"] = Field("embedded", description="Replay queue backend.")
+    backend: Literal["embedded", "redis"] = Field(
+        "embedded",
+        description="Trajectory queue backend. embedded: in a Ray actor's memory, nothing to install. redis: "
+        "Redis Streams at replay.redis_url (survives a Redis restart with AOF on; see docs/architecture.md).",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6380/0",
+        description="Redis server of the redis backend: redis:// or rediss:// (TLS), AUTH as "
+        "redis://user:password@host:port/db. Not 6379 on a Ray head node: Ray's control store takes it.",
+    )
+    redis_prefix: str = Field("diffexp", description="Key prefix of this project's streams: <prefix>:<run>:<stage>.")
+    redis_maxlen: int = Field(
+        100_000, ge=100, description="Approximate cap (MAXLEN ~) on a stream's unacknowledged entries."
+    )
     max_staleness: int = Field(
         0,
         ge=0,

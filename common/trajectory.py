@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 
 _TENSORS = ("latents", "log_probs", "timesteps", "guidance", "images", "rewards")
 _COND = "cond."  # conditioning tensors travel as cond.<name>
+_TERMS = "reward."  # each reward term's raw score travels as reward.<name> once scored
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -29,7 +30,10 @@ class TrajectoryBatch:
     timesteps [T] int64; guidance [B, T] float32 (per-step CFG scales used); cond: the model's named
     conditioning tensors, each [B, ...] float32 (the exact, possibly re-weighted, text conditioning: one
     `prompt_embeds` for SD, plus `text_embeds` and `time_ids` for SDXL); images [B, 3, H, W] uint8;
-    rewards [B] float32 once scored.
+    rewards [B] float32 once scored, and reward_terms (each term's raw score [B] by name). epoch: the
+    training epoch (round) the batch was sampled for, so queues never mix one epoch's entries with the
+    next; batch_id: the batch's identity, deterministic for training rollouts (epoch and first seed), so a
+    batch sampled or scored twice after an actor restart is put into a queue once.
     """
 
     prompts: list[str]
@@ -44,6 +48,8 @@ class TrajectoryBatch:
     rewards: torch.Tensor | None = None
     batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     evaluation: bool = False
+    epoch: int = -1
+    reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -64,6 +70,8 @@ class TrajectoryBatch:
             raise ValueError("trajectory field cond: expected a non-empty dict of named conditioning tensors")
         for k, v in self.cond.items():
             expect[f"cond.{k}"] = (v, (b,), torch.float32)
+        for k, v in self.reward_terms.items():
+            expect[f"reward.{k}"] = (v, (b,), torch.float32)
         for name, (x, prefix, dtype) in expect.items():
             if tuple(x.shape[: len(prefix)]) != prefix or x.dtype != dtype:
                 raise ValueError(f"trajectory field {name}: shape {tuple(x.shape)} {x.dtype}, expected {prefix}... {dtype}")
@@ -78,7 +86,9 @@ class TrajectoryBatch:
     def to_bytes(self) -> bytes:
         tensors = {k: getattr(self, k).contiguous() for k in _TENSORS if getattr(self, k) is not None}
         tensors.update({_COND + k: v.contiguous() for k, v in self.cond.items()})
+        tensors.update({_TERMS + k: v.contiguous() for k, v in self.reward_terms.items()})
         meta = {
+            "epoch": self.epoch,
             "prompts": self.prompts,
             "plans": self.plans,
             "policy_version": self.policy_version,
@@ -113,9 +123,23 @@ class TrajectoryBatch:
             policy_version=int(meta["policy_version"]),
             batch_id=str(meta["batch_id"]),
             evaluation=bool(meta.get("evaluation", False)),
+            epoch=int(meta.get("epoch", -1)),
             cond=cond,
+            reward_terms={k[len(_TERMS) :]: v for k, v in tensors.items() if k.startswith(_TERMS)},
             **{k: tensors.get(k) for k in _TENSORS},
         ).validate()
+
+    def select(self, idx: torch.Tensor) -> TrajectoryBatch:
+        """The samples at indices `idx` (1-D, long), as a new batch with the same identity and epoch."""
+        ids = idx.tolist()
+        opt = (lambda x: None if x is None else x[idx])
+        return TrajectoryBatch(
+            prompts=[self.prompts[i] for i in ids], plans=[self.plans[i] for i in ids], latents=self.latents[idx],
+            log_probs=self.log_probs[idx], timesteps=self.timesteps, guidance=self.guidance[idx],
+            cond={k: v[idx] for k, v in self.cond.items()}, images=self.images[idx], policy_version=self.policy_version,
+            rewards=opt(self.rewards), batch_id=self.batch_id, evaluation=self.evaluation, epoch=self.epoch,
+            reward_terms={k: v[idx] for k, v in self.reward_terms.items()},
+        )  # fmt: skip
 
     @staticmethod
     def concat(batches: list[TrajectoryBatch]) -> TrajectoryBatch:
@@ -131,5 +155,7 @@ class TrajectoryBatch:
             guidance=cat("guidance"), cond={k: torch.cat([b.cond[k] for b in batches]) for k in batches[0].cond},
             images=cat("images"),
             policy_version=min(b.policy_version for b in batches), rewards=cat("rewards"),
-            evaluation=batches[0].evaluation,
+            evaluation=batches[0].evaluation, epoch=batches[0].epoch if len({b.epoch for b in batches}) == 1 else -1,
+            reward_terms={k: torch.cat([b.reward_terms[k] for b in batches]) for k in batches[0].reward_terms
+                          if all(k in b.reward_terms for b in batches)},
         )  # fmt: skip

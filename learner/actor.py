@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -11,6 +12,7 @@ from actors.common import peak_rss_mb, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
 from learner.algorithm import make_algorithm
+from rewards.combined import drop_nonfinite
 
 
 def split_stale(batches: list[TrajectoryBatch], version: int, max_staleness: int):
@@ -27,6 +29,7 @@ class LearnerActor:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.learner = make_algorithm(cfg, device=setup_actor(cfg.cluster.learner))
+        self.consumer = "learner"
 
     def publish(self) -> tuple[int, list, str]:
         """One ray.put of the current LoRA state: (version, [ObjectRef], checksum)."""
@@ -35,6 +38,10 @@ class LearnerActor:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
+
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
 
     def lora_state(self):
         return self.learner.weights()[1]
@@ -47,41 +54,53 @@ class LearnerActor:
     def join_group(self, world: int, rank: int, group: str) -> int:
         return self.learner.join_group(world, rank, group)
 
-    def take_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> list:
-        """Take `num_items` scored entries (entry id, [ObjectRef]) off the queue, unacknowledged."""
+    def take_items(self, scored_queue, num_items: int, epoch: int, timeout: float = 600.0) -> list:
+        """Take epoch `epoch`'s `num_items` scored entries (entry id, TrajectoryBatch), unacknowledged: first
+        any this learner was given before and did not acknowledge, then new ones."""
         self.learner.progress = 0
-        got: list = []
+        got: list = scored_queue.pending(self.consumer, epoch)[:num_items]
         while len(got) < num_items:
-            part = scored_queue.get(num_items - len(got), timeout)
+            part = scored_queue.get(num_items - len(got), timeout, self.consumer, epoch)
             if not part:
-                raise TimeoutError(f"learner: no scored rollouts arrived within {timeout:.0f} s")
+                raise TimeoutError(f"learner: no scored rollouts of epoch {epoch} arrived within {timeout:.0f} s")
             got += part
+        self.taken_ids = [e for e, _ in got]
         return got
 
-    def train_items(self, scored_queue, num_items: int, timeout: float = 600.0) -> dict:
-        """Take `num_items` scored batches, drop stale ones, run the DDPO update on the rest, acknowledge."""
-        got = self.take_items(scored_queue, num_items, timeout)
+    def ack_taken(self, scored_queue) -> int:
+        """Acknowledge the entries of the last take_items (data-parallel: after every learner has updated)."""
+        return scored_queue.ack(self.taken_ids)
+
+    def train_items(self, scored_queue, num_items: int, epoch: int, timeout: float = 600.0) -> dict:
+        """Take epoch `epoch`'s `num_items` scored batches, drop stale ones, update on the rest, acknowledge."""
+        got = self.take_items(scored_queue, num_items, epoch, timeout)
         metrics = self.train_got(got)
         scored_queue.ack([e for e, _ in got])
         return metrics
 
     def train_got(self, got: list) -> dict:
         """The DDPO update on taken entries (every data-parallel learner is given the same entries and
-        runs its share of the minibatches)."""
+        runs its share of the minibatches). Reward metrics count every scored sample, trained on or not."""
         self.learner.progress = 0
         t0 = time.perf_counter()
-        batches = ray.get([item[0] for _, item in got])
+        batches = [b for _, b in got]
         # arrival order depends on which sampler finished first; train in seed order so runs are reproducible
         batches.sort(key=lambda b: (b.plans[0]["seed"], b.batch_id))
+        samples = sum(len(b) for b in batches)
+        batches, nonfinite = drop_nonfinite(batches, batches[0].epoch)
         version = self.learner.version
         fresh, dropped = split_stale(batches, version, self.cfg.replay.max_staleness)
         if fresh:
             metrics = self.learner.train(TrajectoryBatch.concat(fresh))
         else:
             metrics = {"policy_version": version}
-        rewards = torch.cat([b.rewards for b in batches])  # every scored sample, trained on or not
+        rewards = torch.cat([b.rewards for b in batches])
+        for name in batches[0].reward_terms:  # each reward term on its own, beside the sum
+            metrics[f"reward_{name}_mean"] = float(torch.cat([b.reward_terms[name] for b in batches]).mean())
         metrics.update(
+            samples=samples,
             dropped_stale=dropped,
+            dropped_nonfinite=nonfinite,
             trained_samples=sum(len(b) for b in fresh),
             reward_mean=float(rewards.mean()),
             reward_std=float(rewards.std(unbiased=False)),

@@ -9,7 +9,9 @@ and trajectories are at most one version old.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 import uuid
 
 import ray
@@ -20,7 +22,12 @@ from actors.reward import RewardActor
 from actors.sampler import SamplerActor
 from common.config import ActorResources, RunConfig
 from learner.actor import LearnerActor
-from learner.loop import EvalResult, Trainer, WeightSyncError, epoch_prompts  # noqa: F401  (re-exported)
+from learner.ray_metrics import RunMetrics
+from learner.loop import BackendLost, EpochInputs, EvalResult, Trainer, WeightSyncError, epoch_prompts  # noqa: F401  (re-exported)
+
+
+class ActorStartTimeout(RuntimeError):
+    """Actors did not start within cluster.start_timeout_s (missing resources, usually)."""
 
 
 def _opts(r: ActorResources, wait_policy: str) -> dict:
@@ -40,6 +47,24 @@ def _combine_shares(ms: list[dict]) -> dict:
     return out
 
 
+def _learner_loss(method):
+    """Turn the death of a learner actor inside `method` into BackendLost (the loop restarts from the last
+    checkpoint); samplers and reward actors are restarted by Ray itself and never reach here unless their
+    restarts are used up."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ray.exceptions.RayActorError as err:
+            learners = {lr._actor_id.hex() for lr in self.learners}
+            if getattr(err, "actor_id", None) in learners:
+                raise BackendLost(f"the learner actor died ({err.__class__.__name__})") from err
+            raise
+
+    return wrapped
+
+
 def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
@@ -47,24 +72,42 @@ def _split(n: int, parts: int) -> list[int]:
 class RaySystem:
     """The actors and queues of one run."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, run_id: str | None = None):
+        """`run_id` names the run's queues (the Redis streams); a fresh one by default."""
         self.cfg = cfg
         c = cfg.cluster
         w = c.omp_wait_policy
-        self.rollout_q = make_queue(cfg.replay.backend)
-        self.scored_q = make_queue(cfg.replay.backend)
+        run_id = run_id or uuid.uuid4().hex[:12]
+        self.rollout_q = make_queue(cfg.replay, "rollouts", run_id)
+        self.scored_q = make_queue(cfg.replay, "scored", run_id)
+        # samplers and reward actors are restarted by Ray when they die, and their running task is retried:
+        # work is deterministic and queue puts are idempotent, so a retried task repeats nothing that counts
+        restart = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
         sampler_cls, reward_cls = ray.remote(SamplerActor), ray.remote(RewardActor)
-        self.samplers = [sampler_cls.options(**_opts(c.sampler, w)).remote(cfg, i) for i in range(c.num_samplers)]
-        self.rewarders = [reward_cls.options(**_opts(c.reward, w)).remote(cfg, i) for i in range(c.num_reward_actors)]
+        self.samplers = [sampler_cls.options(**_opts(c.sampler, w), **restart).remote(cfg, i) for i in range(c.num_samplers)]
+        self.rewarders = [reward_cls.options(**_opts(c.reward, w), **restart).remote(cfg, i) for i in range(c.num_reward_actors)]
         # two threads: progress() is answered while train_items runs
         learner_cls = ray.remote(LearnerActor).options(max_concurrency=2, **_opts(c.learner, w))
         self.learners = [learner_cls.remote(cfg) for _ in range(c.num_learners)]
         self.learner = self.learners[0]  # publishes weights, takes rollouts off the queue, checkpoints
-        ray.get([a.ready.remote() for a in self.samplers + self.rewarders] + [lr.publish.remote() for lr in self.learners])
+        starting = [a.ready.remote() for a in self.samplers + self.rewarders] + [lr.publish.remote() for lr in self.learners]
+        done, waiting = ray.wait(starting, num_returns=len(starting), timeout=c.start_timeout_s)
+        if waiting:
+            self.shutdown()
+            raise ActorStartTimeout(
+                f"{len(waiting)} of {len(starting)} actors did not start within cluster.start_timeout_s="
+                f"{c.start_timeout_s:.0f} s: the cluster lacks the resources they ask for (cluster.sampler/reward/"
+                "learner.num_cpus and num_gpus) or cannot reach their dependencies; lower those or add nodes"
+            )
+        ray.get(done)
         if c.num_learners > 1:  # one gloo group: gradients are summed across learners before every step
             group = f"learners-{uuid.uuid4().hex[:8]}"
             ray.get([lr.join_group.remote(c.num_learners, r, group) for r, lr in enumerate(self.learners)])
-        self._ahead = None  # (sampler futures, reward futures, items) of an epoch launched in advance
+        self._ahead = None  # (sampler futures, reward futures, items, epoch) of an epoch launched in advance
+        self._weights = None  # (version, [ObjectRef]) last published: samplers restarted by Ray load it
+        self.run_id = run_id
+        self.metrics = RunMetrics(run_id)
+        self.sync_ms: float | None = None
 
     @property
     def sampling_ahead(self) -> bool:
@@ -72,53 +115,62 @@ class RaySystem:
 
     def shutdown(self) -> None:
         """Stop every actor of this run (the Ray cluster itself stays up)."""
-        for a in self.samplers + self.rewarders + self.learners + [self.rollout_q.actor, self.scored_q.actor]:
+        for a in self.samplers + self.rewarders + self.learners:
             ray.kill(a)
+        for q in (self.rollout_q, self.scored_q):
+            q.close()
 
+    @_learner_loss
     def sync_weights(self) -> tuple[int, str]:
         """Broadcast the learner's LoRA (one ray.put) and verify every sampler's version and checksum."""
+        t0 = time.perf_counter()
         version, (ref,), checksum = ray.get(self.learner.publish.remote())
+        self._weights = (version, [ref])
         answers = ray.get([s.set_weights.remote(version, ref) for s in self.samplers])
         for i, (v, c) in enumerate(answers):
             if v != version or c != checksum:
                 raise WeightSyncError(
                     f"sampler {i} holds version {v} checksum {c}, learner published {version} checksum {checksum}"
                 )
+        self.sync_ms = 1000 * (time.perf_counter() - t0)
         return version, checksum
 
-    def launch_sampling(self, prompts: list[str], seeds: list[int]) -> tuple[list, list, int, tuple[int, int]]:
-        """Start samplers and reward actors on one epoch; returns (sampler futures, reward futures, items,
-        the two queues' put counts before the launch)."""
+    def report(self, row: dict) -> None:
+        """The loop's row as Ray dashboard metrics (learner/ray_metrics.py), with the queues' depths."""
+        if row.get("final_eval"):
+            self.metrics.evaluation(row)
+        else:
+            self.metrics.epoch(row, {"rollouts": len(self.rollout_q), "scored": len(self.scored_q)}, self.sync_ms)
+
+    def launch_sampling(self, inputs: EpochInputs) -> tuple[list, list, int, int]:
+        """Start samplers and reward actors on one epoch; returns (sampler futures, reward futures, rollout
+        batches of the epoch, the epoch)."""
         bs = self.cfg.sampling.batch_size
-        base = (self.rollout_q.total_puts(), self.scored_q.total_puts())
+        prompts, seeds, epoch = inputs
         futs, start, items = [], 0, 0
         for s, n in zip(self.samplers, _split(len(prompts), len(self.samplers))):
             if n:
-                futs.append(s.sample.remote(self.rollout_q, prompts[start : start + n], seeds[start : start + n]))
+                futs.append(s.sample.remote(self.rollout_q, prompts[start : start + n], seeds[start : start + n],
+                                            epoch, self._weights))  # fmt: skip
                 items += math.ceil(n / bs)
             start += n
-        rfuts = [
-            r.score_items.remote(self.rollout_q, self.scored_q, k)
-            for r, k in zip(self.rewarders, _split(items, len(self.rewarders)))
-            if k
-        ]
-        return futs, rfuts, items, base
+        rfuts = [r.score_epoch.remote(self.rollout_q, self.scored_q, epoch, items) for r in self.rewarders]
+        return futs, rfuts, items, epoch
 
-    def _progress(self, progress, base: tuple[int, int], n: int) -> None:
-        """Counts from the queues (items of sampling.batch_size samples; exact but for partial last batches)
+    def _progress(self, progress, epoch: int, n: int) -> None:
+        """Counts from the queues (batches of sampling.batch_size samples; exact but for a partial last batch)
         and the learner."""
         bs = self.cfg.sampling.batch_size
-        sampled = (self.rollout_q.total_puts() - base[0]) * bs
-        scored = (self.scored_q.total_puts() - base[1]) * bs
+        sampled = self.rollout_q.puts(epoch) * bs
+        scored = self.scored_q.puts(epoch) * bs
         progress.update(sampled=min(sampled, n), scored=min(scored, n), trained=ray.get(self.learner.progress.remote()))
 
-    def train_epoch(
-        self, inputs: tuple[list[str], list[int]], next_inputs: tuple[list[str], list[int]] | None, progress=None
-    ) -> dict:
+    @_learner_loss
+    def train_epoch(self, inputs: EpochInputs, next_inputs: EpochInputs | None, progress=None) -> dict:
         """One epoch through the actors. With `next_inputs` (max_staleness >= 1) the next epoch's sampling
         starts as soon as this epoch's rollouts are out of the samplers, before the learner trains."""
         if self.cfg.algorithm.name == "alignprop":  # the learners sample with gradients; no rollouts to move
-            learns = [lr.train_prompts.remote(*inputs) for lr in self.learners]
+            learns = [lr.train_prompts.remote(inputs.prompts, inputs.seeds) for lr in self.learners]
             n = len(inputs[0])
             while progress is not None and len(ray.wait(learns, num_returns=len(learns), timeout=1.0)[0]) < len(learns):
                 k = ray.get(self.learner.progress.remote())
@@ -130,40 +182,37 @@ class RaySystem:
             m.update(time_sample=0.0, time_reward=0.0)
             self._check_learners_agree()
             return m
-        launch, self._ahead = self._ahead or self.launch_sampling(*inputs), None
-        futs, rfuts, items, base = launch
+        launch, self._ahead = self._ahead or self.launch_sampling(inputs), None
+        futs, rfuts, items, epoch = launch
+        assert epoch == inputs.epoch, (epoch, inputs.epoch)
+        n = len(inputs.prompts)
         if next_inputs is not None:
             sample_stats = ray.get(futs)
-            self._ahead = self.launch_sampling(*next_inputs)
+            self._ahead = self.launch_sampling(next_inputs)
         if len(self.learners) == 1:
-            learn = self.learner.train_items.remote(self.scored_q, items)
-        else:  # every learner gets the same entries and runs its share of the minibatches
-            take = self.learner.take_items.remote(self.scored_q, items)
+            learn = self.learner.train_items.remote(self.scored_q, items, epoch)
+        else:  # every learner gets the same entries (one object, not through the driver) and runs its share
+            take = self.learner.take_items.remote(self.scored_q, items, epoch)
             while progress is not None and not ray.wait([take], timeout=1.0)[0]:
-                self._progress(progress, base, len(inputs[0]))
-            got = ray.get(take)
-            learns = [lr.train_got.remote(got) for lr in self.learners]
+                self._progress(progress, epoch, n)
+            learns = [lr.train_got.remote(take) for lr in self.learners]
             learn = learns[0]
         if progress is not None:
             while not ray.wait([learn], timeout=1.0)[0]:
-                self._progress(progress, base, len(inputs[0]))
+                self._progress(progress, epoch, n)
         if next_inputs is None:
             sample_stats = ray.get(futs)
         reward_stats = ray.get(rfuts)
         m = ray.get(learn)
         if len(self.learners) > 1:
             ray.get(learns)
-            self.scored_q.ack([e for e, _ in got])
+            ray.get(self.learner.ack_taken.remote(self.scored_q))
             self._check_learners_agree()
         if progress is not None:
-            self._progress(progress, base, len(inputs[0]))
+            self._progress(progress, epoch, n)
         if self._ahead is not None:
             self.sync_weights()  # queued behind the running sample calls; applies to the epoch after next
-        n = sum(r["samples"] for r in reward_stats)
-        for name in reward_stats[0].get("term_sums", {}):  # each reward term on its own, beside the sum
-            m[f"reward_{name}_mean"] = sum(r["term_sums"].get(name, 0.0) for r in reward_stats) / max(n, 1)
-        m.update(
-            samples=sum(r["samples"] for r in reward_stats),
+        m.update(  # samples (reward queries): counted by the learner, from distinct scored batches
             time_sample=max(s["time_sample"] for s in sample_stats),
             time_reward=sum(r["time_reward"] for r in reward_stats),
         )
@@ -192,8 +241,10 @@ class RaySystem:
             if len(set(sums)) > 1:
                 raise WeightSyncError(f"data-parallel learners diverged: LoRA checksums {sums}")
 
+    @_learner_loss
     def checkpoint_state(self) -> dict:
         return ray.get(self.learner.checkpoint_state.remote())
 
+    @_learner_loss
     def restore(self, learner_state: dict, lora: dict) -> None:
         ray.get([lr.restore.remote(learner_state, lora) for lr in self.learners])

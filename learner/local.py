@@ -15,9 +15,9 @@ import torch
 from common.config import RunConfig
 from common.rollouts import RolloutGenerator
 from learner.algorithm import make_algorithm
+from learner.loop import EpochInputs, EvalResult, WeightSyncError
 from learner.progress import NoProgress
-from learner.loop import EvalResult, WeightSyncError
-from rewards.combined import WeightedReward, score_in_batches
+from rewards.combined import WeightedReward, drop_nonfinite, score_in_batches
 
 
 def local_device(cfg: RunConfig) -> str:
@@ -50,11 +50,8 @@ class LocalSystem:
         self.gen.version = self.learner.version
         return self.learner.version, self.learner.checksum()
 
-    def _score(self, images: torch.Tensor, prompts: list[str], details: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return score_in_batches(self.reward, images, prompts, self.cfg.reward.batch_size, details)
-
-    def train_epoch(self, inputs: tuple[list[str], list[int]], next_inputs=None, progress=None) -> dict:
-        prompts, seeds = inputs
+    def train_epoch(self, inputs: EpochInputs, next_inputs=None, progress=None) -> dict:
+        prompts, seeds = inputs.prompts, inputs.seeds
         progress = progress or NoProgress()
         t0 = time.perf_counter()
         if not self.learner.uses_rollouts:  # AlignProp: the learner samples and scores with gradients
@@ -64,13 +61,16 @@ class LocalSystem:
             return m
         batch = self.gen.generate(prompts, seeds, explore=True, on_batch=lambda n: progress.update(sampled=n))
         t1 = time.perf_counter()
-        batch.rewards, parts = self._score(batch.images_float(), batch.prompts, details=False)
+        batch.rewards, batch.reward_terms = score_in_batches(self.reward, batch.images_float(), batch.prompts,
+                                                             self.cfg.reward.batch_size, keep_nonfinite=True)  # fmt: skip
         progress.update(scored=len(batch))
+        samples = len(batch)
+        (batch,), nonfinite = drop_nonfinite([batch], inputs.epoch)
         t2 = time.perf_counter()
         m = self.learner.train(batch, on_progress=lambda n: progress.update(trained=n))
-        m.update({f"reward_{name}_mean": float(v.mean()) for name, v in parts.items()})  # each term, beside the sum
+        m.update({f"reward_{name}_mean": float(v.mean()) for name, v in batch.reward_terms.items()})  # each term
         m.update(
-            samples=len(batch), dropped_stale=0, staleness_max=0, trained_samples=len(batch),
+            samples=samples, dropped_stale=0, dropped_nonfinite=nonfinite, staleness_max=0, trained_samples=len(batch),
             reward_mean=float(batch.rewards.mean()), reward_std=float(batch.rewards.std(unbiased=False)),
             time_sample=t1 - t0, time_reward=t2 - t1, time_learn=time.perf_counter() - t2,
         )  # fmt: skip

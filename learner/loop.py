@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ from learner.progress import EpochProgress, NoProgress
 from learner.run_dir import RunDir
 
 Z95 = 1.959964  # two-sided 95% normal quantile: confidence intervals of evaluation means
+
+
+class BackendLost(RuntimeError):
+    """A part of the backend that holds training state (the learner) died; the run can continue from its
+    last complete checkpoint."""
 
 
 class WeightSyncError(RuntimeError):
@@ -41,6 +46,14 @@ class EvalResult:
     policy_version: int = -1
 
 
+class EpochInputs(NamedTuple):
+    """One epoch's training inputs: a function of (train.seed, epoch) only."""
+
+    prompts: list[str]
+    seeds: list[int]
+    epoch: int
+
+
 class System(Protocol):
     """What the loop needs of a backend."""
 
@@ -49,10 +62,8 @@ class System(Protocol):
     def sync_weights(self) -> tuple[int, str]:
         """Make every sampler hold the learner's LoRA; returns (version, checksum), verified."""
 
-    def train_epoch(
-        self, inputs: tuple[list[str], list[int]], next_inputs: tuple[list[str], list[int]] | None, progress=None
-    ) -> dict:
-        """Sample, score and learn on one epoch's (prompts, seeds); `next_inputs` may be sampled ahead.
+    def train_epoch(self, inputs: EpochInputs, next_inputs: EpochInputs | None, progress=None) -> dict:
+        """Sample, score and learn on one epoch's prompts and seeds; `next_inputs` may be sampled ahead.
         `progress.update(sampled=, scored=, trained=)` is told the counts as they advance."""
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult: ...
@@ -103,10 +114,11 @@ class Trainer:
         self.reward_queries = 0
         self.version = 0  # the learner's policy version
 
-    def _epoch_inputs(self, epoch: int) -> tuple[list[str], list[int]]:
+    def _epoch_inputs(self, epoch: int) -> EpochInputs:
         t = self.cfg.train
         n = t.samples_per_epoch
-        return epoch_prompts(self.train_prompts, t.seed, epoch, n, t.prompts_per_epoch), sample_seeds(t.seed, epoch, n)
+        return EpochInputs(epoch_prompts(self.train_prompts, t.seed, epoch, n, t.prompts_per_epoch),
+                           sample_seeds(t.seed, epoch, n), epoch)  # fmt: skip
 
     def evaluate(self, tag: str, keep_images: bool = False) -> dict:
         """Evaluate every set with the current policy; one row of means, stds and 95% CIs.
@@ -192,6 +204,7 @@ class Trainer:
                 "reward_std": m["reward_std"],
                 "policy_version": m["policy_version"],
                 "dropped_stale": m.get("dropped_stale", 0),
+                "dropped_nonfinite": m.get("dropped_nonfinite", 0),
                 "staleness_max": m.get("staleness_max", 0),
                 "time_sample": m.get("time_sample", 0.0),
                 "time_reward": m.get("time_reward", 0.0),
@@ -206,6 +219,7 @@ class Trainer:
             row.update(eval_row)
             rows.append(row)
             self.run.log(row)
+            self._report(row)
             every = cfg.train.checkpoint_every
             if (every and self.epoch % every == 0) or self.epoch == cfg.train.epochs:
                 self.checkpoint()
@@ -217,10 +231,17 @@ class Trainer:
             final = {"epoch": self.epoch, "reward_queries": self.reward_queries, "final_eval": True,
                      **self.evaluate(f"epoch_{self.epoch:04d}_final", keep_images=True)}  # fmt: skip
             self.run.log(final)
+            self._report(final)
             self.log(f"final eval: reward {final['eval_reward_mean']:.4f} +- {final['eval_reward_ci95']:.4f} (95% CI)")
             rows.append(final)
         self.run.plot_reward_curve()
         return rows
+
+    def _report(self, row: dict) -> None:
+        """Hand the row to the backend's own monitoring, if it has any (Ray: dashboard metrics)."""
+        report = getattr(self.sys, "report", None)
+        if report is not None:
+            report(row)
 
     def _progress(self, r: dict) -> str:
         ev = f" eval {r['eval_reward_mean']:+.4f}" if "eval_reward_mean" in r else ""

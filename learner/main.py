@@ -96,21 +96,47 @@ def init_ray(cfg: RunConfig) -> None:
                  log_to_driver=True)  # fmt: skip
 
 
-def make_system(cfg: RunConfig):
+def check_resources(cfg: RunConfig, available: dict) -> None:
+    """Raise ConfigError (one line) if the actors ask for more CPUs or GPUs than a Ray cluster has: Ray
+    would otherwise leave the last actors unscheduled and the run would wait forever."""
+    c = cfg.cluster
+    groups = [("sampler", c.sampler, c.num_samplers), ("reward", c.reward, c.num_reward_actors),
+              ("learner", c.learner, c.num_learners)]  # fmt: skip
+    for kind in ("CPU", "GPU"):
+        field = "num_cpus" if kind == "CPU" else "num_gpus"
+        asked = sum(getattr(r, field) * n for _, r, n in groups)
+        have = float(available.get(kind, 0.0))
+        if asked > have + 1e-9:
+            parts = " + ".join(f"{n} x cluster.{name}.{field}={getattr(r, field):g}" for name, r, n in groups)
+            raise ConfigError(
+                f"the actors ask for {asked:g} {kind}s ({parts}) and this Ray has {have:g}: lower those, fewer "
+                f"actors (cluster.num_samplers, num_reward_actors), or more (cluster.local_num_cpus for a local Ray)"
+            )
+
+
+def make_system(cfg: RunConfig, run_id: str | None = None):
     """The backend of cluster.backend: Ray actors (starting or joining Ray) or one local process."""
     if cfg.cluster.backend == "local":
         from learner.local import LocalSystem
 
         return LocalSystem(cfg)
+    import ray
+
     from learner.driver import RaySystem
 
+    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     init_ray(cfg)
-    return RaySystem(cfg)
+    if local:  # a cluster may still be scaling up: there, cluster.start_timeout_s bounds the wait instead
+        check_resources(cfg, ray.cluster_resources())
+    return RaySystem(cfg, run_id=run_id)
 
 
 def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
-    """Train `cfg` into `run_path` on its backend (cluster.backend); returns the metric rows."""
-    from learner.loop import Trainer
+    """Train `cfg` into `run_path` on its backend (cluster.backend); returns the metric rows.
+
+    If the learner dies (BackendLost), the actors are started again and the run continues from its last
+    complete checkpoint, up to cluster.max_restarts times; then it stops with one line naming --resume."""
+    from learner.loop import BackendLost, Trainer
     from learner.run_dir import RunDir
 
     preflight(cfg)
@@ -119,15 +145,26 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     d = cfg.derived()
     log(f"run {run_path} | model {cfg.model.pretrained} | backend {cfg.cluster.backend} | "
         + " ".join(f"{k}={v}" for k, v in d.items()))  # fmt: skip
-    system = make_system(cfg)
-    trainer = Trainer(cfg, run_dir, system, log=log, progress=True)
-    if resume and not trainer.restore():
-        log(f"{run_path}: no complete checkpoint yet; starting from epoch 0")
+    run_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(run_path).resolve().name)
+    lost = 0
     try:
-        return trainer.fit()
+        while True:
+            system = make_system(cfg, run_id)
+            trainer = Trainer(cfg, run_dir, system, log=log, progress=True)
+            if (resume or lost) and not trainer.restore():
+                log(f"{run_path}: no complete checkpoint yet; starting from epoch 0")
+                run_dir.truncate_metrics(0)
+            try:
+                return trainer.fit()
+            except BackendLost as err:
+                lost += 1
+                if lost > cfg.cluster.max_restarts:
+                    raise BackendLost(f"{err}; gave up after {lost} restarts: continue with --resume {run_path}") from err
+                log(f"{err}; restarting the actors from the last complete checkpoint ({lost}/{cfg.cluster.max_restarts})")
+            finally:
+                system.shutdown()
     finally:
         run_dir.close()
-        system.shutdown()
 
 
 def _one_line(err: BaseException) -> str:

@@ -53,3 +53,67 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, append-only file on (`appendfsync always`), restartable
+    with its data (Ray's control store takes 6379, so never that port)."""
+
+    def __init__(self, workdir: str):
+        import shutil
+        import socket
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("DIFFEXP_REQUIRE_REDIS") == "1":
+                pytest.fail("redis-server is not installed (apt-get install redis-server); CI requires it")
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        os.makedirs(workdir, exist_ok=True)
+        self.exe, self.dir, self.proc = exe, workdir, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes",
+             "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        for _ in range(200):
+            if self.proc.poll() is not None:
+                break
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port} (dir {self.dir})")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        import time
+
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    yield server
+    server.stop()

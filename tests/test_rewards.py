@@ -44,3 +44,50 @@ def test_weighted_sum_and_nan_rejected():
     bad = WeightedReward(RewardConfig(terms=[RewardTerm(name="_test_nan")]))
     with pytest.raises(NonFiniteRewardError, match="non-finite scores for 1 image"):
         bad(images, ["a", "b"])
+
+
+@register_reward("_test_nan_some")
+class _SomeNanReward:
+    """The JPEG size, but NaN for images of prompts containing 'nan' and inf for 'inf'."""
+
+    name = "_test_nan_some"
+    differentiable = False
+
+    def __init__(self):
+        self.jpeg = build_reward("jpeg_compressibility")
+
+    def __call__(self, images, prompts):
+        out = self.jpeg(images, prompts)
+        for i, p in enumerate(prompts):
+            if "nan" in p or "inf" in p:
+                out[i] = float("nan") if "nan" in p else float("inf")
+        return out
+
+
+def test_nonfinite_training_samples_are_dropped_and_counted(tiny_cfg, tmp_path):
+    """A training reward's NaN/inf samples are dropped and counted (dropped_nonfinite); the run goes on. Only
+    an epoch with no finite sample stops it, in one line."""
+    from learner.local import LocalSystem
+    from learner.loop import Trainer
+    from learner.run_dir import RunDir
+    from test_system import _cfg
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na nan cat\nan inf dog\na dog\n")
+    cfg = _cfg(tiny_cfg, "cluster.backend=local", f"prompts.train={prompts}", "train.samples_per_epoch=8",
+               "train.prompts_per_epoch=4", "train.epochs=2", "eval.every=0", "reward.terms=[{name: _test_nan_some}]",
+               "algorithm.stat_tracking.per_prompt=false")  # fmt: skip
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    rows = Trainer(cfg, run, LocalSystem(cfg), log=lambda *_: None).fit()
+    for r in rows:
+        n_bad = r["dropped_nonfinite"]
+        assert n_bad > 0 and r["trained_samples"] == 8 - n_bad, r
+        assert r["reward_queries"] == 8 * (r["epoch"] + 1) and torch.isfinite(torch.tensor(r["reward_mean"]))
+    all_bad = tmp_path / "bad.txt"
+    all_bad.write_text("a nan cat\nan inf dog\n")
+    cfg = _cfg(cfg, f"prompts.train={all_bad}", "train.prompts_per_epoch=2")
+    run = RunDir(tmp_path / "run2")
+    run.create(cfg)
+    with pytest.raises(NonFiniteRewardError, match=r"every one of epoch 0's 8 samples got a non-finite reward"):
+        Trainer(cfg, run, LocalSystem(cfg), log=lambda *_: None).fit()

@@ -203,7 +203,7 @@ def test_two_data_parallel_ddpo_learners_equal_one(ray_session, tiny_cfg):
         for epoch in range(2):  # two epochs of two optimizer steps each
             batch.policy_version = epoch  # as if sampled by the current policy (else dropped as stale)
             single.train(batch)
-            ms = ray.get([lr.train_got.remote([("0", [ray.put(batch)])]) for lr in learners])
+            ms = ray.get([lr.train_got.remote([("0", batch)]) for lr in learners])
             assert ms[0]["trained_samples"] == 8
             _assert_same(ray.get([lr.lora_state.remote() for lr in learners]), single.weights()[1])
         assert ms[0]["policy_version"] == ms[1]["policy_version"] == 2
