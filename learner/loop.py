@@ -145,7 +145,7 @@ class Trainer:
                 self.run.save_eval_images(tag + suffix, res.images, prompts)
             if self.cfg.output.grid_every:
                 self.run.save_grid(res.images, tag + suffix, nrow=self.cfg.eval.images_per_prompt,
-                                   labels=prompts[:: self.cfg.eval.images_per_prompt])  # fmt: skip
+                                   labels=prompts[:: self.cfg.eval.images_per_prompt], scores=res.rewards.tolist())  # fmt: skip
         return row
 
     def _eval_due(self, epoch: int) -> bool:

@@ -92,8 +92,9 @@ def init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # the dashboard listens on loopback only: it can run code on the cluster (jobs)
         ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=cfg.cluster.local_dashboard,
-                 log_to_driver=True)  # fmt: skip
+                 dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
 
 
 def check_resources(cfg: RunConfig, available: dict) -> None:

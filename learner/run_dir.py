@@ -80,9 +80,10 @@ class RunDir:
 
     # ------------------------------------------------------------------- images
     def save_grid(self, images: torch.Tensor, name: str, nrow: int, labels: list[str] | None = None,
-                  max_rows: int = 24) -> Path:  # fmt: skip
+                  max_rows: int = 24, scores: list[float] | None = None) -> Path:  # fmt: skip
         """Save images [B, 3, H, W] in [0, 1] (or uint8) as one PNG grid under samples/, `nrow` images a
-        row; with `labels` (one per row, e.g. the prompt) each row is captioned on its left. At most
+        row; with `labels` (one per row, e.g. the prompt) each row is captioned on its left, with `scores`
+        (one per image, e.g. its reward) each image carries its score in its lower left corner. At most
         `max_rows` rows are drawn."""
         from PIL import Image, ImageDraw
         from torchvision.utils import make_grid
@@ -93,6 +94,14 @@ class RunDir:
         images = images[: nrow * max_rows]
         grid = make_grid(images, nrow=nrow, padding=1, pad_value=255)
         pic = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        if scores is not None:
+            draw = ImageDraw.Draw(pic)
+            h, w = images.shape[-2] + 1, images.shape[-1] + 1
+            for i, score in enumerate(scores[: images.shape[0]]):
+                x, y = (i % nrow) * w + 1, (i // nrow) * h + h - 12
+                text = f"{score:.2f}"
+                draw.rectangle((x, y, x + 6 * len(text) + 2, y + 11), fill="white")
+                draw.text((x + 1, y), text, fill="black")
         if labels:
             rows = math.ceil(images.shape[0] / nrow)
             h = images.shape[-2] + 1
