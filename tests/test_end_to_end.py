@@ -39,9 +39,11 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_matches_an_uninterrupted_run(ray_session, tmp_path, tiny_cfg):
+@pytest.mark.parametrize("backend", ["ray", "local"])
+def test_resume_matches_an_uninterrupted_run(ray_session, tmp_path, tiny_cfg, backend):
     sets = FAST + ["sampling.num_steps=6", "train.samples_per_epoch=8", "algorithm.minibatch_size=4",
-                   "train.epochs=4", "train.checkpoint_every=2", "eval.every=0", "output.grid_every=0"]  # fmt: skip
+                   "train.epochs=4", "train.checkpoint_every=2", "eval.every=0", "output.grid_every=0",
+                   f"cluster.backend={backend}"]  # fmt: skip
     cfg = load_config("tiny", sets)
     run(cfg, tmp_path / "a", resume=False, log=lambda *_: None)
 
