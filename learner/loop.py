@@ -125,6 +125,11 @@ class Trainer:
 
         The first set is the headline (eval_reward_*); with several sets each is also logged as
         eval_<set>_*. Reward components (e.g. shapes_full) are logged as eval_<set>_<component>_*.
+
+        Evaluation noise is the same every time, so each image can be compared with the same image of the
+        base policy (version 0, kept in the run directory): `_change_mean` and `_change_ci95` are the mean
+        paired difference from the base and its 95% CI, far tighter than two independent CIs when most
+        images do not change.
         """
         row: dict = {"eval_reward_queries": self.reward_queries}
         for i, (name, prompts, seeds) in enumerate(self.eval_sets):
@@ -132,8 +137,13 @@ class Trainer:
             if res.policy_version != self.version:
                 raise RuntimeError(f"evaluation used policy version {res.policy_version}, the learner is at {self.version}")
             row["eval_policy_version"] = res.policy_version
-            stats = {"reward": mean_ci(res.rewards)}
-            stats.update({k.replace("/", "_"): mean_ci(v) for k, v in res.parts.items()})
+            scores = {"reward": res.rewards, **{k.replace("/", "_"): v for k, v in res.parts.items()}}
+            base = self.run.load_eval_base(name, len(prompts))
+            if base is None and res.policy_version == 0:
+                self.run.save_eval_base(name, scores)
+            stats = {k: mean_ci(v) for k, v in scores.items()}
+            if base is not None:
+                stats.update({f"{k}_change": mean_ci(v.double() - base[k].double()) for k, v in scores.items() if k in base})
             prefixes = (["eval"] if i == 0 else []) + ([f"eval_{name}"] if len(self.eval_sets) > 1 else [])
             for prefix in prefixes:
                 for key, (mean, std, ci) in stats.items():

@@ -45,6 +45,9 @@ class RunDir:
         (self.path / "config.yaml").write_text(dump_config(cfg))
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
+        if not resume:  # a new run's base evaluation is its own
+            for old in self.samples_dir.glob("eval_base_*.safetensors"):
+                old.unlink()
         if cfg.output.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -115,6 +118,22 @@ class RunDir:
         out = self.samples_dir / f"{name}.png"
         pic.save(out)
         return out
+
+    def save_eval_base(self, name: str, scores: dict[str, torch.Tensor]) -> Path:
+        """Keep the base policy's per-image evaluation scores of set `name` (samples/eval_base_<name>.safetensors)."""
+        out = self.samples_dir / f"eval_base_{name}.safetensors"
+        tmp = out.with_suffix(".tmp")
+        save_file({k: v.float().contiguous() for k, v in scores.items()}, str(tmp))
+        tmp.replace(out)
+        return out
+
+    def load_eval_base(self, name: str, n: int) -> dict[str, torch.Tensor] | None:
+        """The base policy's per-image scores of set `name`, if kept and of `n` images (else None)."""
+        path = self.samples_dir / f"eval_base_{name}.safetensors"
+        if not path.is_file():
+            return None
+        scores = load_file(str(path))
+        return scores if all(v.shape == (n,) for v in scores.values()) else None
 
     def save_eval_images(self, name: str, images: torch.Tensor, prompts: list[str]) -> Path:
         """Keep evaluation images uint8 [N, 3, H, W] with their prompts (samples/<name>.safetensors), e.g.

@@ -21,6 +21,14 @@ def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg
     # the policy moved, so evaluation images (fixed prompts and noise) changed between versions
     assert epochs[0]["eval_reward_mean"] != final["eval_reward_mean"]
     assert {"eval_reward_ci95", "eval_animals_reward_ci95", "eval_tiny_animals_reward_mean"} <= set(epochs[0])
+    # later evaluations are also compared image by image with the base policy's (the same noise): the mean
+    # paired change equals the change of the means, with its own (paired) CI
+    assert "eval_reward_change_mean" not in epochs[0]
+    for r in epochs[1:] + [final]:
+        for s in ("animals", "tiny_animals"):
+            base = epochs[0][f"eval_{s}_reward_mean"]
+            assert abs(r[f"eval_{s}_reward_change_mean"] - (r[f"eval_{s}_reward_mean"] - base)) < 1e-5
+            assert r[f"eval_{s}_reward_change_ci95"] > 0
     run = RunDir(tmp_path)
     lora, _state, counters = run.load_checkpoint(run.latest_checkpoint())
     assert counters == {"epoch": 3, "reward_queries": 24, "policy_version": 3}
