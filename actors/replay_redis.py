@@ -67,11 +67,34 @@ class RedisTrajectoryQueue:
         while True:
             try:
                 return fn(self.r)
+            except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError, redis.ResponseError) as err:
+                text = str(err)
+                if not isinstance(err, redis.ResponseError) or "NOAUTH" in text or "WRONGPASS" in text:
+                    from urllib.parse import urlsplit
+
+                    what = "refused the password" if urlsplit(self.url).password else "requires authentication"
+                    raise PermissionError(
+                        f"replay.redis_url {self._shown_url()}: the server {what} ({text}); give the password "
+                        "in the URL: redis://[user]:PASSWORD@host:port/db"
+                    ) from None
+                raise
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
                 if time.monotonic() > deadline:
-                    raise ConnectionError(f"replay.redis_url {self.url}: unreachable for {self.retry_s:.0f} s ({err})") from None
+                    raise ConnectionError(
+                        f"replay.redis_url {self._shown_url()}: unreachable for {self.retry_s:.0f} s ({err})"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _shown_url(self) -> str:
+        """The URL with its password masked (error messages end up in logs)."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.url)
+        if u.password:
+            netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+            return u._replace(netloc=netloc).geturl()
+        return self.url
 
     def _ensure_group(self) -> None:
         import redis

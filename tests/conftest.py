@@ -59,7 +59,7 @@ class RedisServer:
     """A real redis-server on a free loopback port, append-only file on (`appendfsync always`), restartable
     with its data (Ray's control store takes 6379, so never that port)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, password: str | None = None):
         import shutil
         import socket
 
@@ -72,8 +72,8 @@ class RedisServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         os.makedirs(workdir, exist_ok=True)
-        self.exe, self.dir, self.proc = exe, workdir, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.exe, self.dir, self.proc, self.password = exe, workdir, None, password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.start()
 
     def start(self) -> None:
@@ -84,10 +84,11 @@ class RedisServer:
 
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes",
-             "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+             "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+            + (["--requirepass", self.password] if self.password else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         for _ in range(200):
             if self.proc.poll() is not None:
                 break

@@ -117,3 +117,22 @@ def test_redis_url_unreachable_is_one_clear_error():
     with pytest.raises(ConnectionError, match=r"replay.redis_url redis://127.0.0.1:1/0: unreachable"):
         q = RedisTrajectoryQueue("redis://127.0.0.1:1/0", "test:x:rollouts", retry_s=0.3)
     assert q is None
+
+
+def test_redis_auth_from_the_url(tmp_path):
+    """A server with AUTH: the password in replay.redis_url is used; without it the queue refuses to start."""
+    from conftest import RedisServer
+
+    server = RedisServer(str(tmp_path), password="s3cret-pw")
+    try:
+        q = RedisTrajectoryQueue(server.url, "test:auth:rollouts", fresh=True)
+        q.put(_batch("e0-a", 0))
+        assert [b.batch_id for _, b in q.get(1, 1.0, "c", epoch=0)] == ["e0-a"]
+        q.close()
+        with pytest.raises(PermissionError, match=r"requires authentication .*redis://\[user\]:PASSWORD@host"):
+            RedisTrajectoryQueue(server.url.replace(":s3cret-pw@", ""), "test:auth:rollouts", retry_s=0.5)
+        with pytest.raises(PermissionError, match=r"refused the password") as err:
+            RedisTrajectoryQueue(server.url.replace("s3cret-pw", "nope"), "test:auth:rollouts", retry_s=0.5)
+        assert "nope" not in str(err.value) and ":***@127.0.0.1" in str(err.value)  # the password is masked
+    finally:
+        server.stop()
