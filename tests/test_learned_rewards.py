@@ -176,10 +176,11 @@ def test_cli_stops_before_any_actor_with_the_missing_file(tmp_path):
 def test_each_term_is_logged_beside_the_sum(tiny_cfg, clip_dir, head_file):
     from common.config import apply_override, validate_config
     from learner.local import LocalSystem
+    from learner.loop import EpochInputs
 
     data = tiny_cfg.model_dump(mode="json")
     apply_override(data, "reward.terms=[{name: aesthetic, weight: 2.0, options: {head_path: %s, clip_path: %s}}, "
                          "{name: jpeg_compressibility, weight: 0.5}]" % (head_file, clip_dir))  # fmt: skip
     system = LocalSystem(validate_config(data))
-    m = system.train_epoch((["a cat", "a dog"] * 4, list(range(8))))
+    m = system.train_epoch(EpochInputs(["a cat", "a dog"] * 4, list(range(8)), 0))
     assert m["reward_mean"] == pytest.approx(2.0 * m["reward_aesthetic_mean"] + 0.5 * m["reward_jpeg_compressibility_mean"], abs=1e-4)

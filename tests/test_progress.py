@@ -50,11 +50,12 @@ class _Recorder:
 
 def test_local_epoch_reports_every_stage_up_to_its_total(tiny_cfg):
     from learner.local import LocalSystem
+    from learner.loop import EpochInputs
 
     system = LocalSystem(tiny_cfg)
     rec = _Recorder()
     n = tiny_cfg.train.samples_per_epoch
-    system.train_epoch((["a cat"] * n, list(range(n))), None, progress=rec)
+    system.train_epoch(EpochInputs(["a cat"] * n, list(range(n)), 0), None, progress=rec)
     sampled = [c["sampled"] for c in rec.calls if "sampled" in c]
     trained = [c["trained"] for c in rec.calls if "trained" in c]
     assert sampled == sorted(sampled) and sampled[-1] == n and len(sampled) == n // tiny_cfg.sampling.batch_size
