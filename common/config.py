@@ -300,6 +300,8 @@ class RunConfig(_Strict):
         """Sizes worth printing at start-up."""
         a = self.algorithm
         steps = window_steps(self.sampling.num_steps, a.timestep_window, a.timestep_fraction)[1]
+        if a.name == "rwr":  # noise levels drawn per kept sample; optimizer steps depend on how many are kept
+            steps = a.rwr.timesteps_per_sample
         return {
             "samples_per_epoch": self.train.samples_per_epoch,
             "effective_batch": a.minibatch_size * a.gradient_accumulation,

@@ -43,6 +43,24 @@ class AlignPropConfig(_Strict):
         return self
 
 
+class RWRConfig(_Strict):
+    weighting: Literal["exp", "filter"] = Field(
+        "filter",
+        description="exp: weight each sample by exp(advantage / temperature) (RWR); filter: train only on the "
+        "samples whose per-prompt advantage exceeds min_advantage, with equal weights (sparse RWR).",
+    )
+    temperature: float = Field(1.0, gt=0, description="exp weighting: the advantage scale (lower = greedier).")
+    min_advantage: float = Field(0.0, description="filter weighting: the advantage a sample must exceed.")
+    timesteps_per_sample: int = Field(
+        4, ge=1, description="Noise levels drawn per kept sample per pass (each one UNet forward, no CFG)."
+    )
+    condition: Literal["plain", "sampled"] = Field(
+        "plain",
+        description="plain: regress on the plain prompt's conditioning (what the reward judged); sampled: on the "
+        "trajectory's own, possibly re-weighted, conditioning.",
+    )
+
+
 class AlgorithmConfig(_Strict):
     @field_validator("timestep_window")
     @classmethod
@@ -51,12 +69,15 @@ class AlgorithmConfig(_Strict):
             raise ValueError(f"must be [start, end) with 0 <= start < end <= 1 (got {list(v)})")
         return v
 
-    name: Literal["ddpo", "alignprop"] = Field(
+    name: Literal["ddpo", "alignprop", "rwr"] = Field(
         "ddpo",
         description="ddpo: policy gradient on the samplers' rollouts. alignprop: the learner samples with "
-        "gradients and backpropagates a differentiable reward through the last K steps (algorithm.alignprop).",
+        "gradients and backpropagates a differentiable reward through the last K steps (algorithm.alignprop). "
+        "rwr: reward-weighted regression, the denoising loss on the rollouts' final images weighted by their "
+        "advantages (algorithm.rwr).",
     )
     alignprop: AlignPropConfig = Field(default_factory=AlignPropConfig)
+    rwr: RWRConfig = Field(default_factory=RWRConfig)
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",
         description="adamw (DDPO's choice) or sgd with momentum adam_betas[0]. AdamW moves every LoRA weight by "

@@ -21,7 +21,11 @@ import torch
 from common.config import RunConfig
 from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state, unet_lora_export
 
-ALGORITHMS = {"ddpo": "learner.ddpo:DDPOLearner", "alignprop": "learner.alignprop:AlignPropLearner"}
+ALGORITHMS = {
+    "ddpo": "learner.ddpo:DDPOLearner",
+    "alignprop": "learner.alignprop:AlignPropLearner",
+    "rwr": "learner.rwr:RWRLearner",
+}
 
 
 def algorithm_class(name: str) -> type:

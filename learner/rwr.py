@@ -1,0 +1,125 @@
+"""Reward-weighted regression (RWR) on the samplers' rollouts: the DDPO paper's other estimator.
+
+Black et al. (2023) compare DDPO with RWR: fine-tune the diffusion model's own denoising loss on its
+samples, each weighted by its reward. It needs no log-probs: each scored sample's final latent x_0 is
+noised again at a random training timestep t, and the loss is the weighted noise-prediction error
+
+    L = sum_i w_i |eps_theta(sqrt(a_t) x0_i + sqrt(1 - a_t) eps, t, c_i) - eps|^2 / sum_i w_i.
+
+The weights come from the same per-prompt advantages as DDPO's (the learner's stat tracker):
+
+- `exp`: w = exp(A / temperature) (RWR);
+- `filter`: w = 1 for the samples whose advantage exceeds `min_advantage`, else 0 (sparse RWR: a
+  rejection-sampling fine-tune on the better samples of each prompt, which skips the rest entirely).
+
+Its gradient is a supervised regression target per sample, so its variance does not grow with the
+policy-gradient noise of the stochastic DDIM steps, which is what keeps DDPO flat on Shapes at CPU
+batch sizes (docs/results.md). `algorithm.timestep_window` restricts the noise levels as it restricts
+DDPO's steps: (0, 0.5) draws t from the noisier half, where a composition's layout is decided.
+Conditioning: the plain prompt the reward judged (default), or the trajectory's own re-weighted
+conditioning (`condition: sampled`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.exploration import parse_prompt
+from common.trajectory import TrajectoryBatch
+from learner.ddpo import DDPOLearner
+
+
+def rwr_weights(adv: torch.Tensor, weighting: str, temperature: float, min_advantage: float) -> torch.Tensor:
+    """Per-sample weights [B] from advantages [B], normalised to mean 1 over the kept (w > 0) samples."""
+    if weighting == "exp":
+        w = torch.exp((adv - adv.max()) / temperature)  # shift for stability; normalised below
+    else:
+        w = (adv > min_advantage).float()
+    kept = w > 0
+    if kept.any():
+        w = w / w[kept].mean()
+    return w
+
+
+class RWRLearner(DDPOLearner):
+    """Reward-weighted denoising loss on LoRA weights (shares DDPO's advantage tracker and checkpoints)."""
+
+    uses_rollouts = True
+
+    def __init__(self, cfg: RunConfig, device: str = "cpu", model=None):
+        super().__init__(cfg, device, model)
+        sch = self.model.scheduler
+        if sch.config.prediction_type != "epsilon":
+            raise ValueError(
+                f"algorithm.name=rwr needs an epsilon-prediction model (this scheduler's prediction_type is "
+                f"{sch.config.prediction_type!r})"
+            )
+        self.alphas_cumprod = sch.alphas_cumprod.float()
+        n = sch.config.num_train_timesteps
+        lo, hi = cfg.algorithm.timestep_window  # fractions of the denoising chain, 0 = the noisiest step
+        self.t_range = (int(round(n * (1 - hi))), max(int(round(n * (1 - lo))), int(round(n * (1 - hi))) + 1))
+
+    def noisy(self, x0: torch.Tensor, n_t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t [m*n_t, ...], t [m*n_t], eps) for each x0 repeated n_t times, t and eps from the learner's RNG."""
+        x0 = x0.repeat_interleave(n_t, 0)
+        t = torch.randint(self.t_range[0], self.t_range[1], (x0.shape[0],), generator=self.rng)
+        eps = torch.randn(x0.shape, generator=self.rng)
+        a = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+
+    def train(self, batch: TrajectoryBatch, on_progress=None) -> dict[str, float]:
+        """`inner_epochs` passes of the weighted denoising loss over the kept samples of a scored batch."""
+        a, r = self.cfg.algorithm, self.cfg.algorithm.rwr
+        if batch.rewards is None:
+            raise ValueError("RWRLearner.train needs a scored batch (rewards is None)")
+        adv, info = self.advantages(batch)
+        w = rwr_weights(adv, r.weighting, r.temperature, r.min_advantage)
+        kept = torch.nonzero(w > 0).flatten()
+        if r.condition == "plain":
+            cond = self.model.condition([parse_prompt(p) for p in batch.prompts])
+        else:
+            cond = batch.cond
+        x0_all = batch.latents[:, -1]
+        unet = self.model.unet
+        unet.train()
+        losses, grad_norms = [], []
+        done = 0
+        self.progress = 0
+        for _ in range(a.inner_epochs):
+            perm = kept[torch.randperm(len(kept), generator=self.rng)]
+            pending = 0
+            for start in range(0, len(perm), a.minibatch_size):
+                idx = perm[start : start + a.minibatch_size]
+                xt, t, eps = self.noisy(x0_all[idx], r.timesteps_per_sample)  # drawn on every learner: in step
+                if self.owns(pending):
+                    rows = idx.repeat_interleave(r.timesteps_per_sample)
+                    c = {k: v[rows].to(self.model.device) for k, v in cond.items()}
+                    pred = self.model.predict(xt.to(self.model.device), t.to(self.model.device), c)
+                    mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
+                    wl = w[rows].to(pred.device) * mse
+                    # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is
+                    (wl.sum() / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)).backward()
+                    losses.append(float(wl.detach().mean()))
+                done += len(idx)
+                self.progress = done
+                if on_progress is not None:
+                    on_progress(done)
+                pending += 1
+                if pending == a.gradient_accumulation:
+                    grad_norms.append(self._step())
+                    pending = 0
+            if pending:
+                grad_norms.append(self._step())
+        unet.eval()
+        self.version += 1
+        out = {
+            "loss": float(np.mean(losses)) if losses else 0.0,
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "kept_frac": len(kept) / max(len(batch), 1),
+            "weight_max": float(w.max()) if len(w) else 0.0,  # a large max = a few samples dominate
+            "policy_version": self.version,
+        }
+        out.update(info)
+        return out
