@@ -51,6 +51,17 @@ class RWRConfig(_Strict):
     )
     temperature: float = Field(1.0, gt=0, description="exp weighting: the advantage scale (lower = greedier).")
     min_advantage: float = Field(0.0, description="filter weighting: the advantage a sample must exceed.")
+    min_reward: float | None = Field(
+        None, description="Also drop every sample whose reward is below this (e.g. 1.0: only fully correct images)."
+    )
+    uncond_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of the (sample, t) pairs trained with the CFG negative instead of the prompt, as "
+        "caption dropout does in pre-training: the unconditional prediction follows the conditional one, so "
+        "guidance at sampling time does not compound what the conditional branch learned from guided samples.",
+    )
     timesteps_per_sample: int = Field(
         4, ge=1, description="Noise levels drawn per kept sample per pass (each one UNet forward, no CFG)."
     )

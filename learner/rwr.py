@@ -12,6 +12,9 @@ The weights come from the same per-prompt advantages as DDPO's (the learner's st
 - `filter`: w = 1 for the samples whose advantage exceeds `min_advantage`, else 0 (sparse RWR: a
   rejection-sampling fine-tune on the better samples of each prompt, which skips the rest entirely).
 
+`min_reward` also drops every sample below an absolute reward, and `uncond_fraction` trains that share
+of the pairs with the CFG negative instead of the prompt (caption dropout).
+
 Its gradient is a supervised regression target per sample, so its variance does not grow with the
 policy-gradient noise of the stochastic DDIM steps, which is what keeps DDPO flat on Shapes at CPU
 batch sizes (docs/results.md). `algorithm.timestep_window` restricts the noise levels as it restricts
@@ -33,6 +36,8 @@ from learner.ddpo import DDPOLearner
 
 def rwr_weights(adv: torch.Tensor, weighting: str, temperature: float, min_advantage: float) -> torch.Tensor:
     """Per-sample weights [B] from advantages [B], normalised to mean 1 over the kept (w > 0) samples."""
+    if not torch.isfinite(adv).any():  # every sample excluded (min_reward)
+        return torch.zeros_like(adv)
     if weighting == "exp":
         w = torch.exp((adv - adv.max()) / temperature)  # shift for stability; normalised below
     else:
@@ -75,6 +80,8 @@ class RWRLearner(DDPOLearner):
         if batch.rewards is None:
             raise ValueError("RWRLearner.train needs a scored batch (rewards is None)")
         adv, info = self.advantages(batch)
+        if r.min_reward is not None:  # an absolute bar on top of the relative one
+            adv = torch.where(batch.rewards >= r.min_reward, adv, torch.full_like(adv, -float("inf")))
         w = rwr_weights(adv, r.weighting, r.temperature, r.min_advantage)
         kept = torch.nonzero(w > 0).flatten()
         if r.condition == "plain":
@@ -93,9 +100,14 @@ class RWRLearner(DDPOLearner):
             for start in range(0, len(perm), a.minibatch_size):
                 idx = perm[start : start + a.minibatch_size]
                 xt, t, eps = self.noisy(x0_all[idx], r.timesteps_per_sample)  # drawn on every learner: in step
+                drop = torch.rand(len(t), generator=self.rng) < r.uncond_fraction  # caption dropout
                 if self.owns(pending):
                     rows = idx.repeat_interleave(r.timesteps_per_sample)
-                    c = {k: v[rows].to(self.model.device) for k, v in cond.items()}
+                    c = {k: v[rows].clone() for k, v in cond.items()}
+                    if drop.any():
+                        for k, v in self.uncond.items():
+                            c[k][drop] = v.to(c[k].device, c[k].dtype).expand(int(drop.sum()), *v.shape[1:])
+                    c = {k: v.to(self.model.device) for k, v in c.items()}
                     pred = self.model.predict(xt.to(self.model.device), t.to(self.model.device), c)
                     mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
                     wl = w[rows].to(pred.device) * mse

@@ -117,3 +117,18 @@ def test_an_epoch_through_the_loop(tiny_cfg, tmp_path):
     assert rows[-1]["eval_policy_version"] == 2 and system.learner.checksum() != before
     lora, state, counters = run.load_checkpoint(run.latest_checkpoint())
     assert counters["policy_version"] == 2 and "tracker" in state
+
+
+def test_min_reward_and_caption_dropout(tiny_cfg, scored_batch):
+    """min_reward keeps only samples at or above it (here the two best); with uncond_fraction the update
+    differs from the prompt-only one, and all-excluded batches train nothing."""
+    learner = _learner(_cfg(tiny_cfg, "algorithm.rwr.min_reward=0.75", "algorithm.rwr.min_advantage=-100"))
+    assert learner.train(scored_batch)["kept_frac"] == 0.25
+    learner = _learner(_cfg(tiny_cfg, "algorithm.rwr.min_reward=2.0"))
+    before = learner.checksum()
+    m = learner.train(scored_batch)
+    assert m["kept_frac"] == 0 and learner.checksum() == before
+    plain, dropout = (_learner(_cfg(tiny_cfg, f"algorithm.rwr.uncond_fraction={f}")) for f in (0.0, 0.5))
+    plain.train(scored_batch)
+    dropout.train(scored_batch)
+    assert plain.checksum() != dropout.checksum()
