@@ -54,6 +54,11 @@ class RWRConfig(_Strict):
     min_reward: float | None = Field(
         None, description="Also drop every sample whose reward is below this (e.g. 1.0: only fully correct images)."
     )
+    target: Literal["latent", "reencode"] = Field(
+        "latent",
+        description="latent: regress on each rollout's final latent; reencode: on a draw from the VAE posterior "
+        "of its decoded image (the distribution the model was pre-trained on, and the image the reward saw).",
+    )
     uncond_fraction: float = Field(
         0.0,
         ge=0,

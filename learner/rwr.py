@@ -74,6 +74,20 @@ class RWRLearner(DDPOLearner):
         a = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
         return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
 
+    @torch.no_grad()
+    def targets(self, batch: TrajectoryBatch, kept: torch.Tensor) -> torch.Tensor:
+        """x0 [B, C, h, w] to regress on: the final latents, or (target=reencode) the kept images encoded again
+        by the VAE, one posterior draw each from the learner's RNG (rows not kept stay as they were)."""
+        x0 = batch.latents[:, -1].clone()
+        if self.cfg.algorithm.rwr.target == "reencode" and len(kept):
+            vae = self.model.vae
+            dtype = next(vae.parameters()).dtype
+            images = batch.images[kept].to(self.model.device, dtype) / 127.5 - 1.0
+            post = vae.encode(images).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=self.rng).to(post.mean)
+            x0[kept] = (z * vae.config.scaling_factor).float().cpu()
+        return x0
+
     def train(self, batch: TrajectoryBatch, on_progress=None) -> dict[str, float]:
         """`inner_epochs` passes of the weighted denoising loss over the kept samples of a scored batch."""
         a, r = self.cfg.algorithm, self.cfg.algorithm.rwr
@@ -88,7 +102,7 @@ class RWRLearner(DDPOLearner):
             cond = self.model.condition([parse_prompt(p) for p in batch.prompts])
         else:
             cond = batch.cond
-        x0_all = batch.latents[:, -1]
+        x0_all = self.targets(batch, kept)
         unet = self.model.unet
         unet.train()
         losses, grad_norms = [], []

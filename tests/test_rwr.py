@@ -132,3 +132,19 @@ def test_min_reward_and_caption_dropout(tiny_cfg, scored_batch):
     plain.train(scored_batch)
     dropout.train(scored_batch)
     assert plain.checksum() != dropout.checksum()
+
+
+def test_reencode_targets_come_from_the_images(tiny_cfg, scored_batch):
+    """target=reencode regresses on VAE posterior draws of the kept images: close to the sampled latents
+    (the VAE round trip), different from them, and the dropped rows untouched."""
+    learner = _learner(_cfg(tiny_cfg, "algorithm.rwr.target=reencode"))
+    kept = torch.tensor([0, 2])
+    x0 = learner.targets(scored_batch, kept)
+    final = scored_batch.latents[:, -1]
+    torch.testing.assert_close(x0[1], final[1], atol=0, rtol=0)
+    assert not torch.equal(x0[0], final[0]) and torch.isfinite(x0).all()
+    vae = learner.model.vae
+    with torch.no_grad():
+        post = vae.encode(scored_batch.images[kept].float() / 127.5 - 1.0).latent_dist
+    z = (x0[kept] / vae.config.scaling_factor - post.mean) / post.std  # a posterior draw: standard normal here
+    assert abs(float(z.mean())) < 0.2 and abs(float(z.std()) - 1) < 0.2
