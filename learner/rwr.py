@@ -64,7 +64,8 @@ class RWRLearner(DDPOLearner):
         self.alphas_cumprod = sch.alphas_cumprod.float()
         n = sch.config.num_train_timesteps
         lo, hi = cfg.algorithm.timestep_window  # fractions of the denoising chain, 0 = the noisiest step
-        self.t_range = (int(round(n * (1 - hi))), max(int(round(n * (1 - lo))), int(round(n * (1 - hi))) + 1))
+        first = round(n * (1 - hi))
+        self.t_range = (first, max(round(n * (1 - lo)), first + 1))
 
     def noisy(self, x0: torch.Tensor, n_t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t [m*n_t, ...], t [m*n_t], eps) for each x0 repeated n_t times, t and eps from the learner's RNG."""
@@ -113,7 +114,9 @@ class RWRLearner(DDPOLearner):
             pending = 0
             for start in range(0, len(perm), a.minibatch_size):
                 idx = perm[start : start + a.minibatch_size]
-                xt, t, eps = self.noisy(x0_all[idx], r.timesteps_per_sample)  # drawn on every learner: in step
+                xt, t, eps = self.noisy(
+                    x0_all[idx], r.timesteps_per_sample
+                )  # drawn on every learner: in step
                 drop = torch.rand(len(t), generator=self.rng) < r.uncond_fraction  # caption dropout
                 if self.owns(pending):
                     rows = idx.repeat_interleave(r.timesteps_per_sample)
@@ -126,7 +129,9 @@ class RWRLearner(DDPOLearner):
                     mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
                     wl = w[rows].to(pred.device) * mse
                     # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is
-                    (wl.sum() / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)).backward()
+                    (
+                        wl.sum() / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)
+                    ).backward()
                     losses.append(float(wl.detach().mean()))
                 done += len(idx)
                 self.progress = done

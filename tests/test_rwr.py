@@ -112,10 +112,13 @@ def test_an_epoch_through_the_loop(tiny_cfg, tmp_path):
     before = system.learner.checksum()
     rows = Trainer(cfg, run, system, log=lambda *_: None).fit()
     epochs = [r for r in rows if not r.get("final_eval")]
-    assert [r["reward_queries"] for r in epochs] == [8, 16] and [r["policy_version"] for r in epochs] == [1, 2]
+    assert [r["reward_queries"] for r in epochs] == [8, 16] and [r["policy_version"] for r in epochs] == [
+        1,
+        2,
+    ]
     assert all(0 < r["kept_frac"] < 1 and r["loss"] > 0 for r in epochs)
     assert rows[-1]["eval_policy_version"] == 2 and system.learner.checksum() != before
-    lora, state, counters = run.load_checkpoint(run.latest_checkpoint())
+    _, state, counters = run.load_checkpoint(run.latest_checkpoint())
     assert counters["policy_version"] == 2 and "tracker" in state
 
 
@@ -146,5 +149,7 @@ def test_reencode_targets_come_from_the_images(tiny_cfg, scored_batch):
     vae = learner.model.vae
     with torch.no_grad():
         post = vae.encode(scored_batch.images[kept].float() / 127.5 - 1.0).latent_dist
-    z = (x0[kept] / vae.config.scaling_factor - post.mean) / post.std  # a posterior draw: standard normal here
+    z = (
+        x0[kept] / vae.config.scaling_factor - post.mean
+    ) / post.std  # a posterior draw: standard normal here
     assert abs(float(z.mean())) < 0.2 and abs(float(z.std()) - 1) < 0.2
