@@ -59,6 +59,15 @@ class RWRConfig(_Strict):
         description="latent: regress on each rollout's final latent; reencode: on a draw from the VAE posterior "
         "of its decoded image (the distribution the model was pre-trained on, and the image the reward saw).",
     )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="0: off. Otherwise the policy the samplers get (and checkpoints hold) is an exponential moving "
+        "average of the trained LoRA weights, updated after every optimizer step with this decay; the raw weights "
+        "go on training. Pre-training of diffusion models samples from such an average too. RWR only: it needs no "
+        "log-probs of the sampling policy.",
+    )
     uncond_fraction: float = Field(
         0.0,
         ge=0,

@@ -13,7 +13,9 @@ The weights come from the same per-prompt advantages as DDPO's (the learner's st
   rejection-sampling fine-tune on the better samples of each prompt, which skips the rest entirely).
 
 `min_reward` also drops every sample below an absolute reward, and `uncond_fraction` trains that share
-of the pairs with the CFG negative instead of the prompt (caption dropout).
+of the pairs with the CFG negative instead of the prompt (caption dropout). With `ema_decay` the module
+holds an exponential moving average of the trained weights between updates (what the samplers get and
+checkpoints keep), and the raw weights are swapped back in for the next update.
 
 Its gradient is a supervised regression target per sample, so its variance does not grow with the
 policy-gradient noise of the stochastic DDIM steps, which is what keeps DDPO flat on Shapes at CPU
@@ -64,6 +66,10 @@ class RWRLearner(DDPOLearner):
         self.alphas_cumprod = sch.alphas_cumprod.float()
         n = sch.config.num_train_timesteps
         lo, hi = cfg.algorithm.timestep_window  # fractions of the denoising chain, 0 = the noisiest step
+        self.raw: list[torch.Tensor] | None = (
+            None  # ema_decay > 0: the trained weights while the EMA is published
+        )
+        self.ema: list[torch.Tensor] | None = None
         first = round(n * (1 - hi))
         self.t_range = (first, max(round(n * (1 - lo)), first + 1))
 
@@ -89,6 +95,39 @@ class RWRLearner(DDPOLearner):
             x0[kept] = (z * vae.config.scaling_factor).float().cpu()
         return x0
 
+    # ------------------------------------------------------------------ EMA
+    def _step(self) -> float:
+        d = self.cfg.algorithm.rwr.ema_decay
+        if d > 0 and self.ema is None:  # the average starts at the weights before the first update
+            self.ema = [p.detach().clone() for p in self.params]
+        norm = super()._step()
+        if d > 0:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+        return norm
+
+    @torch.no_grad()
+    def _swap_in_raw(self) -> None:
+        if self.raw is not None:
+            for p, r in zip(self.params, self.raw):
+                p.copy_(r)
+            self.raw = None
+
+    @torch.no_grad()
+    def _publish_ema(self) -> None:
+        if self.ema is not None:
+            self.raw = [p.detach().clone() for p in self.params]
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rwr_raw": self.raw, "rwr_ema": self.ema}
+
+    def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state, lora)
+        self.raw, self.ema = state.get("rwr_raw"), state.get("rwr_ema")
+
     def train(self, batch: TrajectoryBatch, on_progress=None) -> dict[str, float]:
         """`inner_epochs` passes of the weighted denoising loss over the kept samples of a scored batch."""
         a, r = self.cfg.algorithm, self.cfg.algorithm.rwr
@@ -104,6 +143,7 @@ class RWRLearner(DDPOLearner):
         else:
             cond = batch.cond
         x0_all = self.targets(batch, kept)
+        self._swap_in_raw()
         unet = self.model.unet
         unet.train()
         losses, grad_norms = [], []
@@ -144,6 +184,7 @@ class RWRLearner(DDPOLearner):
             if pending:
                 grad_norms.append(self._step())
         unet.eval()
+        self._publish_ema()
         self.version += 1
         out = {
             "loss": float(np.mean(losses)) if losses else 0.0,

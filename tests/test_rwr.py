@@ -153,3 +153,35 @@ def test_reencode_targets_come_from_the_images(tiny_cfg, scored_batch):
         x0[kept] / vae.config.scaling_factor - post.mean
     ) / post.std  # a posterior draw: standard normal here
     assert abs(float(z.mean())) < 0.2 and abs(float(z.std()) - 1) < 0.2
+
+
+def test_ema_is_published_and_training_continues_from_the_raw_weights(tiny_cfg, scored_batch):
+    """With ema_decay the module holds the moving average between updates and the raw weights go on
+    training: two updates equal a run without EMA on the raw weights, and the held weights are the
+    moving average of the weights after each optimizer step, started at the initial ones."""
+    d = 0.5
+    plain = _learner(_cfg(tiny_cfg))
+    ema = _learner(_cfg(tiny_cfg, f"algorithm.rwr.ema_decay={d}"))
+    start = [p.detach().clone() for p in plain.params]
+    per_step = []
+    orig = plain._step
+
+    def record():
+        n = orig()
+        per_step.append([p.detach().clone() for p in plain.params])
+        return n
+
+    plain._step = record
+    for _ in range(2):
+        plain.train(scored_batch)
+        ema.train(scored_batch)
+    # the raw weights of the EMA learner equal the plain learner's
+    for r, p in zip(ema.raw, plain.params):
+        torch.testing.assert_close(r, p.detach(), atol=1e-6, rtol=1e-5)
+    # the EMA starts at the weights before the first step, then averages every step's
+    expect = [w.clone() for w in start]
+    for step in per_step:
+        expect = [d * e + (1 - d) * w for e, w in zip(expect, step)]
+    for p, e in zip(ema.params, expect):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(p, s) for p, s in zip(ema.params, start))
