@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--ddpo-pytorch", type=Path, help="a checkout of kvablack/ddpo-pytorch")
     ap.add_argument("--ddpo-python", help="the python of a venv with ddpo-pytorch's requirements")
     ap.add_argument("--work", type=Path, default=Path("/tmp/startup_bench"))
+    ap.add_argument("--only", help="comma-separated systems to run: ray, local, ddpo-pytorch")
     args = ap.parse_args()
 
     systems = {"ours, Ray": lambda e, o: (*ours("ray", args.model, e, o), ROOT),
@@ -109,6 +110,9 @@ def main() -> None:
             *ddpo(args.ddpo_python, args.ddpo_pytorch, args.model, e, o),
             args.ddpo_pytorch,
         )
+    if args.only:
+        keep = {"ray": "ours, Ray", "local": "ours, local", "ddpo-pytorch": "ddpo-pytorch"}
+        systems = {keep[k]: systems[keep[k]] for k in args.only.split(",")}
     times: dict[str, dict[int, list[float]]] = {name: {args.short: [], args.long: []} for name in systems}
     for r in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
         for name, make in systems.items():
@@ -132,7 +136,7 @@ def main() -> None:
         print(f"| {name} | {hi:.1f} +- {sd:.1f} | {per:.2f} | {hi - args.long * per:.1f} | {lo:.1f} |")
     if "ddpo-pytorch" in rows:
         ref_total, ref_per = rows["ddpo-pytorch"]
-        for name in ("ours, Ray", "ours, local"):
+        for name in [n for n in ("ours, Ray", "ours, local") if n in rows]:
             total, per = rows[name]
             print(
                 f"{name}: whole process {total / ref_total:.2f}x ddpo-pytorch's, per epoch {ref_per / per:.2f}x as fast"

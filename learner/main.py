@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see learner/driver.py
-
 from common.config import (
     ConfigError,
     RunConfig,
@@ -182,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give either --output or --resume, not both", file=sys.stderr)
         return 2
     try:
-        cfg, run_path, resume = resolve_config(args)
+        cfg, run_path, resume = resolve_config(args)  # imports no torch yet
+        if cfg.cluster.backend != "local":
+            # before torch loads OpenMP: the driver shares cores with the actors (see learner/driver.py). The local
+            # backend computes everything in this process, where spinning threads are fastest (bench/speed.py)
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         run(cfg, run_path, resume)
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
