@@ -62,7 +62,9 @@ class LearnerActor:
         while len(got) < num_items:
             part = scored_queue.get(num_items - len(got), timeout, self.consumer, epoch)
             if not part:
-                raise TimeoutError(f"learner: no scored rollouts of epoch {epoch} arrived within {timeout:.0f} s")
+                raise TimeoutError(
+                    f"learner: no scored rollouts of epoch {epoch} arrived within {timeout:.0f} s"
+                )
             got += part
         self.taken_ids = [e for e, _ in got]
         return got

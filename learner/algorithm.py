@@ -47,7 +47,9 @@ class LoRALearner:
     def __init__(self, cfg: RunConfig, device: str = "cpu", model=None):
         """`model`: an already loaded policy (a DiffusionModel with LoRA attached) instead of cfg.model's."""
         self.cfg = cfg
-        self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
+        self.model = (
+            model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
+        )
         self.uncond = self.model.negative()
         self.params = [p for n, p in self.model.unet.named_parameters() if "lora_" in n]
         if cfg.algorithm.gradient_checkpointing:
@@ -85,13 +87,37 @@ class LoRALearner:
             return
         import ray.util.collective as col
 
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
+        )
         col.allreduce(flat, group_name=self.group)  # sum: each minibatch was run by exactly one learner
         offset = 0
         for p in self.params:
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
+
+    def _accumulation_pass(self, chunks, run, on_progress=None, done: int = 0) -> tuple[list[float], int]:
+        """One pass over minibatches with gradient accumulation: `run(chunk, owned)` for every chunk, on every
+        learner (so random draws stay in step; only the owner computes and backpropagates), the progress
+        counter after each, an optimizer step every `gradient_accumulation` chunks and after the last.
+        Returns (the steps' gradient norms, samples done, counting on from `done`)."""
+        grad_norms, pending = [], 0
+        for chunk in chunks:
+            run(
+                chunk, self.owns(pending)
+            )  # data parallel: each learner runs its share of every step's minibatches
+            done += len(chunk)
+            self.progress = done
+            if on_progress is not None:
+                on_progress(done)
+            pending += 1
+            if pending == self.cfg.algorithm.gradient_accumulation:
+                grad_norms.append(self._step())
+                pending = 0
+        if pending:
+            grad_norms.append(self._step())
+        return grad_norms, done
 
     # ------------------------------------------------------------------ weights
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
@@ -110,7 +136,11 @@ class LoRALearner:
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {"version": self.version, "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state()}
+        return {
+            "version": self.version,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.get_state(),
+        }
 
     def checkpoint_state(self) -> dict:
         """Everything a checkpoint needs: LoRA (peft keys and adapter metadata, and our own keys),

@@ -25,7 +25,9 @@ def sample_with_grad(model, cond, uncond, guidance: torch.Tensor, seeds: list[in
                      k: int) -> torch.Tensor:  # fmt: skip
     """Final latents [B, C, h, w] of the samplers' DDIM chain (`denoise`), with gradients through the last `k` steps."""
     x = None
-    for x, _ in denoise(model, cond, uncond, guidance, initial_noise(seeds, num_steps, model.latent_shape), eta, grad_steps=k):
+    for x, _ in denoise(
+        model, cond, uncond, guidance, initial_noise(seeds, num_steps, model.latent_shape), eta, grad_steps=k
+    ):
         pass
     return x
 
@@ -35,7 +37,9 @@ class AlignPropLearner(LoRALearner):
 
     def __init__(self, cfg: RunConfig, device: str = "cpu", model=None, reward: WeightedReward | None = None):
         super().__init__(cfg, device, model)
-        self.reward = reward if reward is not None else WeightedReward(cfg.reward, device=str(self.model.device))
+        self.reward = (
+            reward if reward is not None else WeightedReward(cfg.reward, device=str(self.model.device))
+        )
         if not self.reward.differentiable:
             bad = [name for name, _, r in self.reward.terms if not r.differentiable]
             raise ValueError(f"algorithm.name=alignprop needs differentiable rewards; {bad} are not")
@@ -50,10 +54,15 @@ class AlignPropLearner(LoRALearner):
             return (ap.target - reward).abs().mean()
         return -ap.coeff * reward.mean()
 
-    def minibatch_loss(self, prompts: list[str], seeds: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def minibatch_loss(
+        self, prompts: list[str], seeds: list[int], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss, rewards [m] detached, per-term scores) of one minibatch sampled with gradients through k steps."""
         s = self.cfg.sampling
-        plans = [plan_rollout(p, sd, self.cfg.exploration, s.num_steps, s.guidance_scale, True) for p, sd in zip(prompts, seeds)]
+        plans = [
+            plan_rollout(p, sd, self.cfg.exploration, s.num_steps, s.guidance_scale, True)
+            for p, sd in zip(prompts, seeds)
+        ]
         cond = self.model.condition([p.weighted_prompt for p in plans])
         guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
         latents = sample_with_grad(self.model, cond, self.uncond, guidance, seeds, s.num_steps, s.eta, k)
@@ -67,30 +76,27 @@ class AlignPropLearner(LoRALearner):
         a = self.cfg.algorithm
         unet = self.model.unet
         unet.train()
-        rewards, losses, grad_norms, ks = [], [], [], []
+        rewards, losses, ks = [], [], []
         terms: dict[str, list[torch.Tensor]] = {}
-        pending = 0
         self.progress = 0
-        for start in range(0, len(prompts), a.minibatch_size):
-            ps, ss = prompts[start : start + a.minibatch_size], seeds[start : start + a.minibatch_size]
+
+        def run(rows: range, owned: bool) -> None:
             k = self.truncation()  # drawn on every learner, so the draws stay in step
-            if self.owns(pending):  # data parallel: each learner runs its share of every step's minibatches
-                loss, r, parts = self.minibatch_loss(ps, ss, k)
-                (loss / a.gradient_accumulation).backward()
-                rewards.append(r)
-                losses.append(float(loss.detach()))
-                ks.append(k)
-                for name, v in parts.items():
-                    terms.setdefault(name, []).append(v)
-            pending += 1
-            self.progress = start + len(ps)
-            if on_progress is not None:
-                on_progress(self.progress)
-            if pending == a.gradient_accumulation:
-                grad_norms.append(self._step())
-                pending = 0
-        if pending:
-            grad_norms.append(self._step())
+            if not owned:
+                return
+            loss, r, parts = self.minibatch_loss(
+                prompts[rows.start : rows.stop], seeds[rows.start : rows.stop], k
+            )
+            (loss / a.gradient_accumulation).backward()
+            rewards.append(r)
+            losses.append(float(loss.detach()))
+            ks.append(k)
+            for name, v in parts.items():
+                terms.setdefault(name, []).append(v)
+
+        n = len(prompts)
+        chunks = [range(start, min(start + a.minibatch_size, n)) for start in range(0, n, a.minibatch_size)]
+        grad_norms, _ = self._accumulation_pass(chunks, run, on_progress)
         unet.eval()
         self.version += 1
         r = torch.cat(rewards) if rewards else torch.zeros(0)

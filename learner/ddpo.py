@@ -91,31 +91,33 @@ class DDPOLearner(LoRALearner):
         self.progress = 0
         for _ in range(a.inner_epochs):
             perm = torch.randperm(b, generator=self.rng)
-            steps = torch.stack([window_t[torch.randperm(len(window), generator=self.rng)[:t_train]] for _ in range(b)])  # [B, T']
-            pending = 0
-            for start in range(0, b, a.minibatch_size):
-                idx = perm[start : start + a.minibatch_size]
-                if self.owns(pending):  # data parallel: each learner runs its share of every step's minibatches
-                    mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
-                    if not first:  # before the epoch's first optimizer step: must be on-policy
-                        first = {"logprob_mismatch": mb_info["logprob_mismatch"], "ratio_mean": mb_info["ratio_mean"]}
-                    for k in sums:
-                        sums[k] += mb_info[k]
-                    n_mb += 1
-                done += len(idx)
-                self.progress = done
-                if on_progress is not None:
-                    on_progress(done)
-                pending += 1
-                if pending == a.gradient_accumulation:
-                    grad_norms.append(self._step())
-                    pending = 0
-            if pending:
-                grad_norms.append(self._step())
+            steps = torch.stack(
+                [window_t[torch.randperm(len(window), generator=self.rng)[:t_train]] for _ in range(b)]
+            )  # [B, T']
+
+            def run(idx: torch.Tensor, owned: bool, steps: torch.Tensor = steps) -> None:
+                nonlocal n_mb, first
+                if not owned:
+                    return
+                mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
+                if not first:  # before the epoch's first optimizer step: must be on-policy
+                    first = {
+                        "logprob_mismatch": mb_info["logprob_mismatch"],
+                        "ratio_mean": mb_info["ratio_mean"],
+                    }
+                for k in sums:
+                    sums[k] += mb_info[k]
+                n_mb += 1
+
+            chunks = [perm[start : start + a.minibatch_size] for start in range(0, b, a.minibatch_size)]
+            norms, done = self._accumulation_pass(chunks, run, on_progress, done)
+            grad_norms += norms
         unet.eval()
         self.version += 1
         out = {k: v / max(n_mb, 1) for k, v in sums.items()}
-        out["ratio_mean_all"] = out.pop("ratio_mean")  # over the whole epoch; ratio_mean is the first minibatch's
+        out["ratio_mean_all"] = out.pop(
+            "ratio_mean"
+        )  # over the whole epoch; ratio_mean is the first minibatch's
         out.update(first)
         out.update(info)
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
@@ -147,7 +149,9 @@ class DDPOLearner(LoRALearner):
                     self.model, lat, nxt, batch.timesteps[j], cond, self.uncond, batch.guidance[rows, j],
                     self.cfg.sampling.num_steps, self.cfg.sampling.eta,
                 )  # fmt: skip
-                loss, info = ppo_loss(lp, batch.log_probs[rows, j].to(lp.device), adv[rows].to(lp.device), a.clip_range)
+                loss, info = ppo_loss(
+                    lp, batch.log_probs[rows, j].to(lp.device), adv[rows].to(lp.device), a.clip_range
+                )
                 weight = rows.numel() / total
                 (loss * weight / a.gradient_accumulation).backward()
                 acc["loss"] += float(loss.detach()) * weight

@@ -43,7 +43,9 @@ def _combine_shares(ms: list[dict]) -> dict:
                trained_samples=int(rewards.numel()))  # fmt: skip
     for k in ms[0]:
         if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean":
-            out[k] = sum(m[k] * m["trained_samples"] for m in ms) / max(sum(m["trained_samples"] for m in ms), 1)
+            out[k] = sum(m[k] * m["trained_samples"] for m in ms) / max(
+                sum(m["trained_samples"] for m in ms), 1
+            )
     return out
 
 
@@ -84,13 +86,21 @@ class RaySystem:
         # work is deterministic and queue puts are idempotent, so a retried task repeats nothing that counts
         restart = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
         sampler_cls, reward_cls = ray.remote(SamplerActor), ray.remote(RewardActor)
-        self.samplers = [sampler_cls.options(**_opts(c.sampler, w), **restart).remote(cfg, i) for i in range(c.num_samplers)]
-        self.rewarders = [reward_cls.options(**_opts(c.reward, w), **restart).remote(cfg, i) for i in range(c.num_reward_actors)]
+        self.samplers = [
+            sampler_cls.options(**_opts(c.sampler, w), **restart).remote(cfg, i)
+            for i in range(c.num_samplers)
+        ]
+        self.rewarders = [
+            reward_cls.options(**_opts(c.reward, w), **restart).remote(cfg, i)
+            for i in range(c.num_reward_actors)
+        ]
         # two threads: progress() is answered while train_items runs
         learner_cls = ray.remote(LearnerActor).options(max_concurrency=2, **_opts(c.learner, w))
         self.learners = [learner_cls.remote(cfg) for _ in range(c.num_learners)]
         self.learner = self.learners[0]  # publishes weights, takes rollouts off the queue, checkpoints
-        starting = [a.ready.remote() for a in self.samplers + self.rewarders] + [lr.publish.remote() for lr in self.learners]
+        starting = [a.ready.remote() for a in self.samplers + self.rewarders] + [
+            lr.publish.remote() for lr in self.learners
+        ]
         done, waiting = ray.wait(starting, num_returns=len(starting), timeout=c.start_timeout_s)
         if waiting:
             self.shutdown()
@@ -140,7 +150,9 @@ class RaySystem:
         if row.get("final_eval"):
             self.metrics.evaluation(row)
         else:
-            self.metrics.epoch(row, {"rollouts": len(self.rollout_q), "scored": len(self.scored_q)}, self.sync_ms)
+            self.metrics.epoch(
+                row, {"rollouts": len(self.rollout_q), "scored": len(self.scored_q)}, self.sync_ms
+            )
 
     def launch_sampling(self, inputs: EpochInputs) -> tuple[list, list, int, int]:
         """Start samplers and reward actors on one epoch; returns (sampler futures, reward futures, rollout
@@ -163,7 +175,9 @@ class RaySystem:
         bs = self.cfg.sampling.batch_size
         sampled = self.rollout_q.puts(epoch) * bs
         scored = self.scored_q.puts(epoch) * bs
-        progress.update(sampled=min(sampled, n), scored=min(scored, n), trained=ray.get(self.learner.progress.remote()))
+        progress.update(
+            sampled=min(sampled, n), scored=min(scored, n), trained=ray.get(self.learner.progress.remote())
+        )
 
     @_learner_loss
     def train_epoch(self, inputs: EpochInputs, next_inputs: EpochInputs | None, progress=None) -> dict:
@@ -172,7 +186,9 @@ class RaySystem:
         if self.cfg.algorithm.name == "alignprop":  # the learners sample with gradients; no rollouts to move
             learns = [lr.train_prompts.remote(inputs.prompts, inputs.seeds) for lr in self.learners]
             n = len(inputs[0])
-            while progress is not None and len(ray.wait(learns, num_returns=len(learns), timeout=1.0)[0]) < len(learns):
+            while progress is not None and len(
+                ray.wait(learns, num_returns=len(learns), timeout=1.0)[0]
+            ) < len(learns):
                 k = ray.get(self.learner.progress.remote())
                 progress.update(sampled=k, scored=k, trained=k)
             ms = ray.get(learns)
@@ -225,7 +241,12 @@ class RaySystem:
             if n:
                 futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n]))
             start += n
-        scores = ray.get([self.rewarders[i % len(self.rewarders)].score_batch.remote(f, True, True) for i, f in enumerate(futs)])
+        scores = ray.get(
+            [
+                self.rewarders[i % len(self.rewarders)].score_batch.remote(f, True, True)
+                for i, f in enumerate(futs)
+            ]
+        )
         batches = ray.get(futs)
         versions = {b.policy_version for b in batches}
         if len(versions) != 1:

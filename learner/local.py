@@ -40,7 +40,9 @@ class LocalSystem:
         device = local_device(cfg)
         self.reward = WeightedReward(cfg.reward, device=device)
         self.eval_reward = WeightedReward(cfg.eval.reward, device=device) if cfg.eval.reward else self.reward
-        extra = {"reward": self.reward} if cfg.algorithm.name == "alignprop" else {}  # one copy of a learned reward
+        extra = (
+            {"reward": self.reward} if cfg.algorithm.name == "alignprop" else {}
+        )  # one copy of a learned reward
         self.learner = make_algorithm(cfg, device=device, **extra)
         self.gen = RolloutGenerator(cfg, device=device, model=self.learner.model)
 
@@ -55,9 +57,17 @@ class LocalSystem:
         progress = progress or NoProgress()
         t0 = time.perf_counter()
         if not self.learner.uses_rollouts:  # AlignProp: the learner samples and scores with gradients
-            m = self.learner.train_prompts(prompts, seeds, lambda n: progress.update(sampled=n, scored=n, trained=n))
+            m = self.learner.train_prompts(
+                prompts, seeds, lambda n: progress.update(sampled=n, scored=n, trained=n)
+            )
             m.pop("rewards")
-            m.update(dropped_stale=0, staleness_max=0, time_sample=0.0, time_reward=0.0, time_learn=time.perf_counter() - t0)
+            m.update(
+                dropped_stale=0,
+                staleness_max=0,
+                time_sample=0.0,
+                time_reward=0.0,
+                time_learn=time.perf_counter() - t0,
+            )
             return m
         batch = self.gen.generate(prompts, seeds, explore=True, on_batch=lambda n: progress.update(sampled=n))
         t1 = time.perf_counter()
@@ -68,7 +78,9 @@ class LocalSystem:
         (batch,), nonfinite = drop_nonfinite([batch], inputs.epoch)
         t2 = time.perf_counter()
         m = self.learner.train(batch, on_progress=lambda n: progress.update(trained=n))
-        m.update({f"reward_{name}_mean": float(v.mean()) for name, v in batch.reward_terms.items()})  # each term
+        m.update(
+            {f"reward_{name}_mean": float(v.mean()) for name, v in batch.reward_terms.items()}
+        )  # each term
         m.update(
             samples=samples, dropped_stale=0, dropped_nonfinite=nonfinite, staleness_max=0, trained_samples=len(batch),
             reward_mean=float(batch.rewards.mean()), reward_std=float(batch.rewards.std(unbiased=False)),
@@ -78,7 +90,9 @@ class LocalSystem:
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult:
         batch = self.gen.generate(prompts, seeds, explore=False)
-        total, parts = score_in_batches(self.eval_reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, True)
+        total, parts = score_in_batches(
+            self.eval_reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, True
+        )
         return EvalResult(batch.images, total, parts, batch.policy_version)
 
     def checkpoint_state(self) -> dict:

@@ -108,7 +108,11 @@ class Trainer:
         sources = cfg.prompts.eval or [cfg.prompts.train]
         self.eval_sets = []  # (name, prompts repeated images_per_prompt times, fixed seeds)
         for src in sources:
-            ps = [p for p in load_prompts(src)[: cfg.eval.max_prompts] for _ in range(cfg.eval.images_per_prompt)]
+            ps = [
+                p
+                for p in load_prompts(src)[: cfg.eval.max_prompts]
+                for _ in range(cfg.eval.images_per_prompt)
+            ]
             self.eval_sets.append((Path(src).stem, ps, sample_seeds(cfg.eval.seed, -1, len(ps))))
         self.epoch = 0
         self.reward_queries = 0
@@ -135,7 +139,9 @@ class Trainer:
         for i, (name, prompts, seeds) in enumerate(self.eval_sets):
             res = self.sys.evaluate(prompts, seeds)
             if res.policy_version != self.version:
-                raise RuntimeError(f"evaluation used policy version {res.policy_version}, the learner is at {self.version}")
+                raise RuntimeError(
+                    f"evaluation used policy version {res.policy_version}, the learner is at {self.version}"
+                )
             row["eval_policy_version"] = res.policy_version
             scores = {"reward": res.rewards, **{k.replace("/", "_"): v for k, v in res.parts.items()}}
             base = self.run.load_eval_base(name, len(prompts))
@@ -143,7 +149,13 @@ class Trainer:
                 self.run.save_eval_base(name, scores)
             stats = {k: mean_ci(v) for k, v in scores.items()}
             if base is not None:
-                stats.update({f"{k}_change": mean_ci(v.double() - base[k].double()) for k, v in scores.items() if k in base})
+                stats.update(
+                    {
+                        f"{k}_change": mean_ci(v.double() - base[k].double())
+                        for k, v in scores.items()
+                        if k in base
+                    }
+                )
             prefixes = (["eval"] if i == 0 else []) + ([f"eval_{name}"] if len(self.eval_sets) > 1 else [])
             for prefix in prefixes:
                 for key, (mean, std, ci) in stats.items():
@@ -165,7 +177,11 @@ class Trainer:
 
     def checkpoint(self) -> None:
         state = self.sys.checkpoint_state()
-        counters = {"epoch": self.epoch, "reward_queries": self.reward_queries, "policy_version": state["learner"]["version"]}
+        counters = {
+            "epoch": self.epoch,
+            "reward_queries": self.reward_queries,
+            "policy_version": state["learner"]["version"],
+        }
         self.run.save_checkpoint(self.epoch, state, counters)
 
     def restore(self) -> bool:
@@ -225,7 +241,13 @@ class Trainer:
             }
             # the algorithm's own metrics (DDPO: approx_kl, clipfrac, ratio_mean, logprob_mismatch, ...; AlignProp:
             # loss, grad_norm, truncation_k) and each reward term (reward_<name>_mean), as it reports them
-            row.update({k: v for k, v in m.items() if k not in row and k != "samples" and isinstance(v, (int, float))})
+            row.update(
+                {
+                    k: v
+                    for k, v in m.items()
+                    if k not in row and k != "samples" and isinstance(v, (int, float))
+                }
+            )
             row.update(eval_row)
             rows.append(row)
             self.run.log(row)
@@ -242,7 +264,9 @@ class Trainer:
                      **self.evaluate(f"epoch_{self.epoch:04d}_final", keep_images=True)}  # fmt: skip
             self.run.log(final)
             self._report(final)
-            self.log(f"final eval: reward {final['eval_reward_mean']:.4f} +- {final['eval_reward_ci95']:.4f} (95% CI)")
+            self.log(
+                f"final eval: reward {final['eval_reward_mean']:.4f} +- {final['eval_reward_ci95']:.4f} (95% CI)"
+            )
             rows.append(final)
         self.run.plot_reward_curve()
         return rows

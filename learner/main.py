@@ -46,7 +46,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
     if args.resume:
         run_path = Path(args.resume)
         if not (run_path / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_path}: no config.yaml there; give the directory of an earlier run")
+            raise ConfigError(
+                f"--resume {run_path}: no config.yaml there; give the directory of an earlier run"
+            )
         data = read_config_source(str(run_path / "config.yaml"))
         for o in args.overrides:
             apply_override(data, o)
@@ -66,7 +68,9 @@ def preflight(cfg: RunConfig) -> None:
     load_prompts(cfg.prompts.train)
     for source in cfg.prompts.eval or []:
         load_prompts(source)
-    for term in cfg.reward.terms + (cfg.eval.reward.terms if cfg.eval.reward else []):  # before any actor starts
+    for term in cfg.reward.terms + (
+        cfg.eval.reward.terms if cfg.eval.reward else []
+    ):  # before any actor starts
         check_reward(term.name, term.options)
     if cfg.algorithm.name == "alignprop":
         from rewards.registry import differentiable_rewards
@@ -158,8 +162,12 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
             except BackendLost as err:
                 lost += 1
                 if lost > cfg.cluster.max_restarts:
-                    raise BackendLost(f"{err}; gave up after {lost} restarts: continue with --resume {run_path}") from err
-                log(f"{err}; restarting the actors from the last complete checkpoint ({lost}/{cfg.cluster.max_restarts})")
+                    raise BackendLost(
+                        f"{err}; gave up after {lost} restarts: continue with --resume {run_path}"
+                    ) from err
+                log(
+                    f"{err}; restarting the actors from the last complete checkpoint ({lost}/{cfg.cluster.max_restarts})"
+                )
             finally:
                 system.shutdown()
     finally:
@@ -196,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         from rewards.combined import NonFiniteRewardError
         from rewards.loading import RewardLoadError
 
-        known = (ConfigError, ModelLoadError, PromptSetError, CheckpointError, NonFiniteRewardError, RewardLoadError)
+        known = (
+            ConfigError,
+            ModelLoadError,
+            PromptSetError,
+            CheckpointError,
+            NonFiniteRewardError,
+            RewardLoadError,
+        )
         cause = getattr(err, "cause", None)
         if isinstance(err, known) or isinstance(cause, known) or os.environ.get("DIFFEXP_TRACEBACK") != "1":
             print(_one_line(err), file=sys.stderr)

@@ -16,7 +16,9 @@ class EpochProgress:
 
     STAGES = ("sampled", "scored", "trained")
 
-    def __init__(self, label: str, totals: dict[str, int], stream=None, every_s: float = 30.0, tty: bool | None = None):
+    def __init__(
+        self, label: str, totals: dict[str, int], stream=None, every_s: float = 30.0, tty: bool | None = None
+    ):
         self.label = label
         self.totals = totals
         self.counts = {k: 0 for k in self.STAGES if k in totals}

@@ -26,7 +26,10 @@ GAUGES = {
     "diffexp_eval_reward_mean": ("Mean evaluation reward, per evaluation set", ("eval_set",)),
     "diffexp_reward_queries": ("Reward queries (training images scored) so far", ()),
     "diffexp_samples_per_second": ("Training images per second over the last epoch, end to end", ()),
-    "diffexp_queue_depth": ("Unacknowledged entries of a trajectory queue at the end of the epoch", ("stage",)),
+    "diffexp_queue_depth": (
+        "Unacknowledged entries of a trajectory queue at the end of the epoch",
+        ("stage",),
+    ),
     "diffexp_staleness_max": ("Policy lag: most versions between a trained trajectory and the learner", ()),
     "diffexp_weight_sync_ms": ("Duration of the last weight broadcast and verification, ms", ()),
 }
@@ -38,7 +41,9 @@ class RunMetrics:
     def __init__(self, run_id: str):
         self.tags = {"run": run_id}
         keys = ("run",)
-        self.gauges = {name: metrics.Gauge(name, desc, tag_keys=keys + extra) for name, (desc, extra) in GAUGES.items()}
+        self.gauges = {
+            name: metrics.Gauge(name, desc, tag_keys=keys + extra) for name, (desc, extra) in GAUGES.items()
+        }
         self.dropped = metrics.Counter("diffexp_dropped_total", "Samples dropped, by reason (stale, nonfinite)",
                                        tag_keys=("run", "reason"))  # fmt: skip
 

@@ -139,7 +139,11 @@ class RunDir:
         """Keep evaluation images uint8 [N, 3, H, W] with their prompts (samples/<name>.safetensors), e.g.
         to measure the final policy's diversity later."""
         out = self.samples_dir / f"{name}.safetensors"
-        save_file({"images": images.to(torch.uint8).contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
+        save_file(
+            {"images": images.to(torch.uint8).contiguous()},
+            str(out),
+            metadata={"prompts": json.dumps(prompts)},
+        )
         return out
 
     @staticmethod
@@ -157,8 +161,12 @@ class RunDir:
         import matplotlib.pyplot as plt
 
         rows = self.read_metrics()
-        sets = sorted({k[5:-12] for r in rows for k in r if k.startswith("eval_") and k.endswith("_reward_mean")})
-        sets = [s for s in sets if s != "reward"] or ["reward"]  # per-set curves when several sets are evaluated
+        sets = sorted(
+            {k[5:-12] for r in rows for k in r if k.startswith("eval_") and k.endswith("_reward_mean")}
+        )
+        sets = [s for s in sets if s != "reward"] or [
+            "reward"
+        ]  # per-set curves when several sets are evaluated
         tr = [(r["reward_queries"], r["reward_mean"]) for r in rows if "reward_mean" in r]
         if not tr and not any("eval_reward_mean" in r for r in rows):
             return None
@@ -171,7 +179,9 @@ class RunDir:
                 continue
             x, y, s = zip(*ev)
             label = "evaluation" if name == "reward" else f"evaluation: {name}"
-            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label=label + " (plain prompts, constant CFG; 95% CI)")
+            ax.errorbar(
+                x, y, yerr=s, marker="o", capsize=3, label=label + " (plain prompts, constant CFG; 95% CI)"
+            )
         if tr:
             x, y = zip(*tr)
             ax.plot(x, y, alpha=0.6, label="training rollouts (with exploration)")
@@ -211,7 +221,9 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         if not self.ckpt_dir.is_dir():
             return None
-        steps = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+        steps = [
+            (int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
+        ]
         return max(steps)[1] if steps else None
 
     def load_checkpoint(self, path: Path) -> tuple[dict, dict, dict]:
@@ -221,5 +233,7 @@ class RunDir:
             learner = torch.load(path / "learner_state.pt", weights_only=True)
             counters = json.loads((path / "counters.json").read_text())
         except (OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {path}: unreadable ({err.__class__.__name__}: {err})") from None
+            raise CheckpointError(
+                f"checkpoint {path}: unreadable ({err.__class__.__name__}: {err})"
+            ) from None
         return lora, learner, counters

@@ -151,38 +151,32 @@ class RWRLearner(DDPOLearner):
         self.progress = 0
         for _ in range(a.inner_epochs):
             perm = kept[torch.randperm(len(kept), generator=self.rng)]
-            pending = 0
-            for start in range(0, len(perm), a.minibatch_size):
-                idx = perm[start : start + a.minibatch_size]
+
+            def run(idx: torch.Tensor, owned: bool) -> None:
                 xt, t, eps = self.noisy(
                     x0_all[idx], r.timesteps_per_sample
                 )  # drawn on every learner: in step
                 drop = torch.rand(len(t), generator=self.rng) < r.uncond_fraction  # caption dropout
-                if self.owns(pending):
-                    rows = idx.repeat_interleave(r.timesteps_per_sample)
-                    c = {k: v[rows].clone() for k, v in cond.items()}
-                    if drop.any():
-                        for k, v in self.uncond.items():
-                            c[k][drop] = v.to(c[k].device, c[k].dtype).expand(int(drop.sum()), *v.shape[1:])
-                    c = {k: v.to(self.model.device) for k, v in c.items()}
-                    pred = self.model.predict(xt.to(self.model.device), t.to(self.model.device), c)
-                    mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
-                    wl = w[rows].to(pred.device) * mse
-                    # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is
-                    (
-                        wl.sum() / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)
-                    ).backward()
-                    losses.append(float(wl.detach().mean()))
-                done += len(idx)
-                self.progress = done
-                if on_progress is not None:
-                    on_progress(done)
-                pending += 1
-                if pending == a.gradient_accumulation:
-                    grad_norms.append(self._step())
-                    pending = 0
-            if pending:
-                grad_norms.append(self._step())
+                if not owned:
+                    return
+                rows = idx.repeat_interleave(r.timesteps_per_sample)
+                c = {k: v[rows].clone() for k, v in cond.items()}
+                if drop.any():
+                    for k, v in self.uncond.items():
+                        c[k][drop] = v.to(c[k].device, c[k].dtype).expand(int(drop.sum()), *v.shape[1:])
+                c = {k: v.to(self.model.device) for k, v in c.items()}
+                pred = self.model.predict(xt.to(self.model.device), t.to(self.model.device), c)
+                mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
+                wl = w[rows].to(pred.device) * mse
+                # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is
+                (wl.sum() / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)).backward()
+                losses.append(float(wl.detach().mean()))
+
+            chunks = [
+                perm[start : start + a.minibatch_size] for start in range(0, len(perm), a.minibatch_size)
+            ]
+            norms, done = self._accumulation_pass(chunks, run, on_progress, done)
+            grad_norms += norms
         unet.eval()
         self._publish_ema()
         self.version += 1
