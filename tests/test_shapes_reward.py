@@ -124,3 +124,26 @@ def test_score_details_split_the_caption_into_components() -> None:
     # a pair image scored against one of its objects alone: the other object is an extra one
     _, e = reward.score_details(images[:1], ["a red circle"])
     assert e["extra"].tolist() == [1.0] and e["full"].tolist() == [1.0]
+
+
+def test_soft_relation_width_and_weight() -> None:
+    """A wider relation sigmoid (rel_scale) still gets a swapped relation's gradient, where the default 2 px
+    saturates; rel_weight moves the pair's credit between the objects and the relation."""
+    rng = np.random.default_rng(11)
+    imgs = _scenes(PAIRS)
+    swapped = [corrupt_caption(c, "swapped_relation", rng).text for c in PAIRS]
+
+    def relation_grad(scale: float) -> float:
+        x = imgs.clone().requires_grad_(True)
+        build_reward("shapes_soft", rel_scale=scale, rel_weight=1.0)(x, swapped).sum().backward()
+        return float(x.grad.abs().sum())
+
+    assert relation_grad(8.0) > 100 * relation_grad(2.0)
+    right = build_reward("shapes_soft", rel_scale=8.0, rel_weight=0.0)(imgs, PAIRS)
+    objects_only = build_reward("shapes_soft", rel_scale=8.0, rel_weight=0.0)(imgs, swapped)
+    assert torch.allclose(right, objects_only)  # rel_weight 0: the relation does not count
+    third = build_reward("shapes_soft", rel_scale=8.0)(imgs, swapped)
+    half = build_reward("shapes_soft", rel_scale=8.0, rel_weight=0.5)(imgs, swapped)
+    assert (half < third).all()  # a wrong relation costs more when it weighs more
+    with pytest.raises(ValueError, match="rel_weight must be in"):
+        build_reward("shapes_soft", rel_weight=1.5)

@@ -195,11 +195,13 @@ def _parse_all(prompts: list[str]) -> list[Caption]:
 
 
 def score_scenes(
-    images: torch.Tensor, prompts: list[str], soft: bool = False, rel_scale: float = 2.0
+    images: torch.Tensor, prompts: list[str], soft: bool = False, rel_scale: float = 2.0, rel_weight: float = 1 / 3
 ) -> SceneScore:
     """Score images float [B, 3, H, W] in [0, 1] against their captions (see the module docstring).
 
     soft=True gives the differentiable score (rel_scale: px width of the relation's sigmoids).
+    rel_weight: a pair's credit for its relation (the objects share the rest equally); 1/3 is the
+    documented score.
     Raises CaptionGrammarError for any caption outside the Shapes grammar.
     """
     if images.ndim != 4 or images.shape[1] != 3:
@@ -236,7 +238,7 @@ def score_scenes(
         )
     rel = rel * d0.found * d1.found
     single = 0.5 * d0.found + 0.5 * d0.shape_ok
-    pair = (d0.found + d0.shape_ok + d1.found + d1.shape_ok) / 6 + rel / 3
+    pair = (d0.found + d0.shape_ok + d1.found + d1.shape_ok) * ((1 - rel_weight) / 4) + rel * rel_weight
     score = torch.where(is_pair, pair, single)
     objects_ok = torch.where(is_pair, d0.shape_ok * d1.shape_ok, d0.shape_ok)
     relation_ok = torch.where(is_pair, rel, torch.ones(b, device=dev))
