@@ -302,10 +302,13 @@ class RunConfig(_Strict):
         steps = window_steps(self.sampling.num_steps, a.timestep_window, a.timestep_fraction)[1]
         if a.name == "rwr":  # noise levels drawn per kept sample; optimizer steps depend on how many are kept
             steps = a.rwr.timesteps_per_sample
+        passes = a.inner_epochs
+        if a.name == "alignprop":  # each sample is drawn with gradients once; at most k_max steps carry them
+            steps, passes = a.alignprop.truncation[1], 1
         return {
             "samples_per_epoch": self.train.samples_per_epoch,
             "effective_batch": a.minibatch_size * a.gradient_accumulation,
-            "optimizer_steps_per_epoch": a.inner_epochs
+            "optimizer_steps_per_epoch": passes
             * (self.train.samples_per_epoch // (a.minibatch_size * a.gradient_accumulation)),
             "trained_timesteps_per_sample": steps,
             "reward_queries_total": self.train.epochs * self.train.samples_per_epoch,

@@ -126,3 +126,9 @@ def test_alignprop_refuses_a_non_differentiable_reward(tiny_cfg):
     cfg = _cfg(tiny_cfg, "reward.terms=[{name: jpeg_compressibility}]")
     with pytest.raises(ConfigError, match=r"jpeg_compressibility is not differentiable; differentiable rewards: .*shapes_soft"):
         preflight(cfg)
+
+
+def test_start_up_sizes_name_the_steps_that_carry_gradients(tiny_cfg):
+    d = _cfg(tiny_cfg, "algorithm.alignprop.truncation=[2,5]", "algorithm.inner_epochs=3").derived()
+    assert d["trained_timesteps_per_sample"] == 5  # k_max, not DDPO's timestep window
+    assert d["optimizer_steps_per_epoch"] == 2  # 8 samples / (2 x 2); AlignProp draws each sample once
