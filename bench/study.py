@@ -1,8 +1,9 @@
-"""The sample-efficiency study: DDPO with and without DiffExp's two exploration strategies, at equal reward-query
-budgets, several seeds each, on the local backend (no Ray: the same script runs on a GPU box).
+"""The sample-efficiency study: one algorithm (the config's: DDPO, AlignProp, ...) with and without DiffExp's two
+exploration strategies, at equal reward-query budgets, several seeds each, on the local backend (no Ray: the same
+script runs on a GPU box).
 
 Arms (everything else is the base config's):
-  ddpo      exploration off (constant guidance, plain prompts)
+  plain     exploration off (constant guidance, plain prompts): the algorithm alone
   cfg       the dynamic CFG-scale schedule only
   weights   random prompt weighting only (constant guidance)
   diffexp   both strategies
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.runs import RunSpec, eval_curve, launch_all, read_rows, seed_mean_ci
 
 ARMS: dict[str, list[str]] = {
-    "ddpo": ["exploration.enabled=false"],
+    "plain": ["exploration.enabled=false"],
     "cfg": ["exploration.enabled=true", "exploration.prompt_weighting.enabled=false"],
     "weights": ["exploration.enabled=true", "exploration.cfg_schedule.kind=constant"],
     "diffexp": ["exploration.enabled=true"],
@@ -92,11 +93,11 @@ def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) ->
             keys = ("position_spread", "pixel_distance", "extra_objects")
             a["diversity_end"] = {k: seed_mean_ci([d[k] for d in divs]) for k in keys}
         res["arms"][arm] = a
-    # reward queries each arm needs to reach plain DDPO's final evaluation value (mean over DDPO's seeds)
+    # reward queries each arm needs to reach the plain arm's final evaluation value (mean over its seeds)
     for m in metrics:
-        if m not in res["arms"].get("ddpo", {}):
+        if m not in res["arms"].get("plain", {}):
             continue
-        target = res["arms"]["ddpo"][m]["mean"][-1][1]
+        target = res["arms"]["plain"][m]["mean"][-1][1]
         for arm in arms:
             if m not in res["arms"][arm]:
                 continue
@@ -111,7 +112,7 @@ def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) ->
 def markdown(res: dict) -> str:
     lines = []
     for m in res["metrics"]:
-        lines += [f"### {m}", "", "| arm | start | end | change | queries to reach DDPO's final (reached/seeds) |",
+        lines += [f"### {m}", "", "| arm | start | end | change | queries to reach the plain arm's final (reached/seeds) |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for arm, a in res["arms"].items():
             if m not in a:
@@ -122,7 +123,7 @@ def markdown(res: dict) -> str:
             r = a[m].get("reach", {})
             rq = r.get("queries")
             if a[m].get("reach_target", float("inf")) <= s:
-                reach_txt = "n/a: DDPO's final is not above the base model"
+                reach_txt = "n/a: the plain arm's final is not above the base model"
             elif rq:
                 reach_txt = f"{rq[0]:.0f} ± {rq[1]:.0f} ({r['reached']}/{r['of']})"
             else:
