@@ -1,0 +1,83 @@
+"""Before/after grid of a fine-tuned run against its base model: the same prompts and noise for both.
+
+    python bench/before_after.py runs/study_ap/plain-s0 --prompts 8 --images 3 --out docs/img/shapes_before_after.png
+
+Each row is one evaluation prompt (labelled on the left): first `--images` images of the base model, then the same
+noise through the run's last checkpoint. Every image carries its evaluation reward (`eval.reward`, else the
+training reward) in its lower left corner. Prints the mean reward of both halves. Prompts are spread evenly over
+the first evaluation set, noise seeds are the run's evaluation seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--images", type=int, default=3, help="images per prompt and model")
+    ap.add_argument("--set", dest="prompt_set", default="", help="prompt set (default: the run's first eval set)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from common.config import load_config
+    from common.prompts import load_prompts
+    from common.rollouts import RolloutGenerator, sample_seeds
+    from learner.run_dir import RunDir
+    from rewards.combined import WeightedReward, score_in_batches
+
+    cfg = load_config(str(args.run / "config.yaml"))
+    run = RunDir(args.run)
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise SystemExit(f"{args.run}: no complete checkpoint to compare with its base model")
+    lora, learner_state, _ = run.load_checkpoint(ckpt)
+    src = args.prompt_set or (cfg.prompts.eval or [cfg.prompts.train])[0]
+    pool = load_prompts(src)
+    step = max(1, len(pool) // args.prompts)
+    chosen = pool[::step][: args.prompts]
+    prompts = [p for p in chosen for _ in range(args.images)]
+    seeds = sample_seeds(cfg.eval.seed, -1, len(prompts))
+    gen = RolloutGenerator(cfg)
+    reward = WeightedReward(cfg.eval.reward or cfg.reward)
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor]:
+        b = gen.generate(prompts, seeds, explore=False)
+        images = b.images_float()
+        return images, score_in_batches(reward, images, prompts, cfg.reward.batch_size)[0]
+
+    gen.set_weights(0, {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora.items()})
+    base, base_r = sample()
+    gen.set_weights(int(learner_state["version"]), lora)
+    tuned, tuned_r = sample()
+    n = args.images
+    rows, scores = [], []
+    for i in range(len(chosen)):
+        sl = slice(i * n, (i + 1) * n)
+        rows += [base[sl], tuned[sl]]
+        scores += base_r[sl].tolist() + tuned_r[sl].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = RunDir(tmp)
+        scratch.samples_dir.mkdir()
+        grid = scratch.save_grid(torch.cat(rows), "grid", nrow=2 * n, labels=chosen, scores=scores)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(grid, args.out)
+    print(f"{args.run} ({ckpt.name}) on {Path(src).stem}, {len(prompts)} images each: reward base "
+          f"{float(base_r.mean()):.3f} -> tuned {float(tuned_r.mean()):.3f}; grid: left {n} base, right {n} tuned -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
