@@ -33,18 +33,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common.config import load_config
+    from bench.runs import base_weights, last_checkpoint
     from common.prompts import load_prompts
     from common.rollouts import RolloutGenerator, sample_seeds
     from learner.run_dir import RunDir
     from rewards.combined import WeightedReward, score_in_batches
 
-    cfg = load_config(str(args.run / "config.yaml"))
-    run = RunDir(args.run)
-    ckpt = run.latest_checkpoint()
-    if ckpt is None:
-        raise SystemExit(f"{args.run}: no complete checkpoint to compare with its base model")
-    lora, learner_state, _ = run.load_checkpoint(ckpt)
+    cfg, ckpt, lora, learner_state, _ = last_checkpoint(args.run)
     src = args.prompt_set or (cfg.prompts.eval or [cfg.prompts.train])[0]
     pool = load_prompts(src)
     step = max(1, len(pool) // args.prompts)
@@ -59,7 +54,7 @@ def main() -> None:
         images = b.images_float()
         return images, score_in_batches(reward, images, prompts, cfg.reward.batch_size)[0]
 
-    gen.set_weights(0, {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora.items()})
+    gen.set_weights(0, base_weights(lora))
     base, base_r = sample()
     gen.set_weights(int(learner_state["version"]), lora)
     tuned, tuned_r = sample()

@@ -39,10 +39,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common.config import load_config
+    from bench.runs import base_weights, last_checkpoint
     from common.prompts import load_prompts
     from common.rollouts import RolloutGenerator, sample_seeds
-    from learner.run_dir import RunDir
     from rewards.combined import WeightedReward, score_in_batches
 
     def score(gen, reward, cfg, prompts, seeds) -> dict[str, torch.Tensor]:
@@ -57,12 +56,7 @@ def main() -> None:
     base_cache: dict = {}
     results = []
     for run_path in args.runs:
-        cfg = load_config(str(run_path / "config.yaml"))
-        run = RunDir(run_path)
-        ckpt = run.latest_checkpoint()
-        if ckpt is None:
-            raise SystemExit(f"{run_path}: no complete checkpoint")
-        lora, learner_state, counters = run.load_checkpoint(ckpt)
+        cfg, ckpt, lora, learner_state, counters = last_checkpoint(run_path)
         reward = WeightedReward(cfg.eval.reward or cfg.reward)
         gen = RolloutGenerator(cfg)
         sets = args.sets.split(",") if args.sets else (cfg.prompts.eval or [cfg.prompts.train])
@@ -73,7 +67,7 @@ def main() -> None:
             key = (cfg.model.pretrained, src, args.images, args.max_prompts, cfg.eval.seed, cfg.sampling.num_steps,
                    cfg.sampling.guidance_scale)  # fmt: skip
             if key not in base_cache:
-                gen.set_weights(0, {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora.items()})
+                gen.set_weights(0, base_weights(lora))
                 base_cache[key] = score(gen, reward, cfg, prompts, seeds)
             gen.set_weights(int(learner_state["version"]), lora)
             tuned = score(gen, reward, cfg, prompts, seeds)

@@ -70,6 +70,25 @@ def launch_all(specs: list[RunSpec], out: Path, parallel: int, threads: int, log
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
 
+def last_checkpoint(run_path: Path) -> tuple:
+    """(config, checkpoint path, LoRA state, learner state, counters) of a finished run's last complete
+    checkpoint; stops with the run's path when it has none."""
+    from common.config import load_config
+    from learner.run_dir import RunDir
+
+    cfg = load_config(str(run_path / "config.yaml"))
+    run = RunDir(run_path)
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise SystemExit(f"{run_path}: no complete checkpoint")
+    return (cfg, ckpt, *run.load_checkpoint(ckpt))
+
+
+def base_weights(lora: dict) -> dict:
+    """The same LoRA state with every B factor zeroed: the adapters contribute nothing, i.e. the base model."""
+    return {k: v.new_zeros(v.shape) if "lora_B" in k else v for k, v in lora.items()}
+
+
 def read_rows(path: Path) -> list[dict]:
     m = path / "metrics.jsonl"
     return [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else []

@@ -10,7 +10,9 @@ Measured (docs/results.md, "AlignProp learns Shapes"): not robust enough for a t
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,8 +62,8 @@ def fixed_batch_gain(seed: int, updates: int = UPDATES, trace: bool = False) -> 
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     for sd in map(int, sys.argv[1:]):
         b, a, soft = fixed_batch_gain(sd, trace=True)
         print(f"seed {sd}: hard {b:.3f} -> {a:.3f} ({a - b:+.3f}); shapes_soft per update "

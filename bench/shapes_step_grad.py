@@ -47,11 +47,11 @@ def main() -> None:
     seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (len(prompts),), generator=g)]
     plans = [plan_rollout(p, sd, cfg.exploration, s.num_steps, s.guidance_scale, False) for p, sd in zip(prompts, seeds)]
     terms = {"relation": ShapesSoftReward(args.rel_scale, rel_weight=1.0), "objects": ShapesSoftReward(args.rel_scale, rel_weight=0.0)}
+    cond = model.condition([p.weighted_prompt for p in plans])
+    guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
+    noise = initial_noise(seeds, s.num_steps, model.latent_shape)
     norms = {}
     for name, reward in terms.items():
-        cond = model.condition([p.weighted_prompt for p in plans])
-        guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-        noise = initial_noise(seeds, s.num_steps, model.latent_shape)
         xs = []
         for x, _ in denoise(model, cond, learner.uncond, guidance, noise, s.eta, grad_steps=s.num_steps):
             x.retain_grad()
