@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 
 PRESET = "shapes_alignprop"  # AlignProp through the whole chain, shapes_soft with rel_scale 8, lr 3e-4, minibatch 8
-OVERRIDES = ["train.samples_per_epoch=8", "train.prompts_per_epoch=8"]  # one optimizer step per update
-UPDATES = 5
+PROMPTS = int(os.environ.get("PROMPTS", "8"))  # batch: PROMPTS prompts x 1 noise seed
+OVERRIDES = [f"train.samples_per_epoch={PROMPTS}", f"train.prompts_per_epoch={PROMPTS}",
+             f"algorithm.gradient_accumulation={max(1, PROMPTS // 8)}"]  # one optimizer step per update
+UPDATES = int(os.environ.get("UPDATES", "5"))
+EXTRA = os.environ.get("OVERRIDES", "").split()  # more overrides, e.g. OVERRIDES="algorithm.learning_rate=1e-3"
 
 
 def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -46,12 +49,12 @@ def fixed_batch_gain(seed: int, updates: int = UPDATES, trace: bool = False) -> 
     from common.prompts import load_prompts
     from learner.alignprop import AlignPropLearner
 
-    cfg = load_config(PRESET, [*OVERRIDES, f"train.seed={seed}"])
+    cfg = load_config(PRESET, [*OVERRIDES, *EXTRA, f"train.seed={seed}"])
     learner = AlignPropLearner(cfg)
     g = torch.Generator().manual_seed(seed)
     pool = load_prompts("shapes_pairs")
-    prompts = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:8]]
-    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (8,), generator=g)]
+    prompts = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:PROMPTS]]
+    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (PROMPTS,), generator=g)]
     before = float(hard_scores(learner, prompts, seeds).mean())
     soft = []
     for u in range(updates):

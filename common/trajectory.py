@@ -141,6 +141,15 @@ class TrajectoryBatch:
             reward_terms={k: v[idx] for k, v in self.reward_terms.items()},
         )  # fmt: skip
 
+    def in_seed_order(self) -> TrajectoryBatch:
+        """The same samples sorted by their noise seed (`plans[i]["seed"]`; stable). Both backends train on an
+        epoch in this order, so the update does not depend on how the epoch was split into sampler batches or
+        which sampler finished first: the same seeds give the same weights on Ray and in one process."""
+        order = sorted(range(len(self)), key=lambda i: int(self.plans[i]["seed"]))
+        if order == list(range(len(self))):
+            return self
+        return self.select(torch.tensor(order, dtype=torch.long))
+
     @staticmethod
     def concat(batches: list[TrajectoryBatch]) -> TrajectoryBatch:
         """One batch of all samples (same T and shapes); policy_version is the oldest one."""

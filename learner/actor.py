@@ -87,13 +87,14 @@ class LearnerActor:
         t0 = time.perf_counter()
         batches = [b for _, b in got]
         # arrival order depends on which sampler finished first; train in seed order so runs are reproducible
+        # and equal to the local backend's
         batches.sort(key=lambda b: (b.plans[0]["seed"], b.batch_id))
         samples = sum(len(b) for b in batches)
         batches, nonfinite = drop_nonfinite(batches, batches[0].epoch)
         version = self.learner.version
         fresh, dropped = split_stale(batches, version, self.cfg.replay.max_staleness)
         if fresh:
-            metrics = self.learner.train(TrajectoryBatch.concat(fresh))
+            metrics = self.learner.train(TrajectoryBatch.concat(fresh).in_seed_order())
         else:
             metrics = {"policy_version": version}
         rewards = torch.cat([b.rewards for b in batches])

@@ -77,7 +77,7 @@ class LocalSystem:
         samples = len(batch)
         (batch,), nonfinite = drop_nonfinite([batch], inputs.epoch)
         t2 = time.perf_counter()
-        m = self.learner.train(batch, on_progress=lambda n: progress.update(trained=n))
+        m = self.learner.train(batch.in_seed_order(), on_progress=lambda n: progress.update(trained=n))
         m.update(
             {f"reward_{name}_mean": float(v.mean()) for name, v in batch.reward_terms.items()}
         )  # each term

@@ -61,3 +61,15 @@ def test_sdxl_conditioning_round_trips_and_concatenates():
 def test_concat_keeps_the_oldest_version():
     c = TrajectoryBatch.concat([make_batch(version=3), make_batch(b=2, version=1)])
     assert len(c) == 5 and c.policy_version == 1 and c.latents.shape[0] == 5
+
+
+def test_seed_order_does_not_depend_on_how_an_epoch_was_split():
+    whole = make_batch(b=4)
+    for i, s in enumerate([7, 2, 9, 4]):
+        whole.plans[i] = {"seed": s}
+    parts = [whole.select(torch.tensor([2, 0])), whole.select(torch.tensor([3])), whole.select(torch.tensor([1]))]
+    a, b = whole.in_seed_order(), TrajectoryBatch.concat(parts).in_seed_order()
+    assert [p["seed"] for p in a.plans] == [p["seed"] for p in b.plans] == [2, 4, 7, 9]
+    for name in ("latents", "log_probs", "guidance", "images", "rewards"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.latents[0], whole.latents[1])  # rows move with their seed
