@@ -1,11 +1,14 @@
 """AlignProp on a fixed batch of Shapes prompts and noise seeds: does the hard detector's score of exactly the
-images trained on rise within a few updates? The candidate for a fast learning test in the suite.
+images trained on rise within a few updates? The suite's Shapes learning test (tests/test_shapes_learning.py)
+runs `fixed_batch_gain` with the settings measured here.
 
-    THREADS=2 python bench/shapes_fixed_batch.py 0 1 2 3 4
+    THREADS=2 python bench/shapes_fixed_batch.py 0 1 2 3 4            # the test's settings (FAST), 5 seeds
+    PROMPTS=8 UPDATES=5 STEPS=20 LR=3e-4 python bench/shapes_fixed_batch.py 0 1 2 3 4   # session 16's probe
 
-Per seed: 8 `shapes_pairs` prompts x 1 noise seed, the `shapes_alignprop` preset, `UPDATES` optimizer steps on
-that batch; prints the hard `shapes` score after every update and the training reward (`shapes_soft`) per update.
-Measured (docs/results.md, "AlignProp learns Shapes"): not robust enough for a test at this size.
+Per seed: PROMPTS `shapes_pairs` prompts x 1 noise seed, the `shapes_alignprop` preset at STEPS DDIM steps
+(backpropagating through all of them), learning rate LR, one optimizer step per update on that batch; prints
+the hard `shapes` score after every update and the training reward (`shapes_soft`) of the batch per update.
+Measured: docs/results.md, "A Shapes learning test for the suite".
 """
 
 from __future__ import annotations
@@ -16,12 +19,8 @@ from pathlib import Path
 
 import torch
 
-PRESET = "shapes_alignprop"  # AlignProp through the whole chain, shapes_soft with rel_scale 8, lr 3e-4, minibatch 8
-PROMPTS = int(os.environ.get("PROMPTS", "8"))  # batch: PROMPTS prompts x 1 noise seed
-OVERRIDES = [f"train.samples_per_epoch={PROMPTS}", f"train.prompts_per_epoch={PROMPTS}",
-             f"algorithm.gradient_accumulation={max(1, PROMPTS // 8)}"]  # one optimizer step per update
-UPDATES = int(os.environ.get("UPDATES", "5"))
-EXTRA = os.environ.get("OVERRIDES", "").split()  # more overrides, e.g. OVERRIDES="algorithm.learning_rate=1e-3"
+PRESET = "shapes_alignprop"  # AlignProp through the whole chain, shapes_soft with rel_scale 8, minibatch 8
+FAST = {"prompts": 16, "updates": 8, "steps": 10, "lr": 3e-4}  # the suite test's settings
 
 
 def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -40,34 +39,41 @@ def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return ShapesReward()(learner.model.decode(latents), prompts)
 
 
-def fixed_batch_gain(seed: int, updates: int = UPDATES, trace: bool = False) -> tuple[float, float, list[float]]:
-    """(hard score before, hard score after, training reward per update) of 8 `shapes_pairs` prompts x 1 noise
-    seed each, after `updates` AlignProp updates on exactly that batch. The training reward (`shapes_soft`) of
-    update u is that of the policy after u - 1 updates: every update re-samples the same batch. With `trace`,
-    the hard score after every update is printed."""
+def fixed_batch_gain(seed: int, prompts: int = 16, updates: int = 8, steps: int = 10, lr: float = 3e-4,
+                     trace: bool = False) -> tuple[float, float, list[float]]:  # fmt: skip
+    """(hard score before, hard score after, training reward per update) of `prompts` `shapes_pairs` prompts x 1
+    noise seed each, after `updates` AlignProp updates (one optimizer step each) on exactly that batch. The
+    training reward (`shapes_soft`) of update u is that of the policy after u - 1 updates: every update
+    re-samples the same batch. With `trace`, the hard score after every update is printed."""
     from common.config import load_config
     from common.prompts import load_prompts
     from learner.alignprop import AlignPropLearner
 
-    cfg = load_config(PRESET, [*OVERRIDES, *EXTRA, f"train.seed={seed}"])
+    cfg = load_config(PRESET, [f"train.samples_per_epoch={prompts}", f"train.prompts_per_epoch={prompts}",
+                               f"algorithm.gradient_accumulation={max(1, prompts // 8)}", f"sampling.num_steps={steps}",
+                               f"algorithm.alignprop.truncation=[{steps},{steps}]", f"algorithm.learning_rate={lr}",
+                               f"train.seed={seed}"])  # fmt: skip
     learner = AlignPropLearner(cfg)
     g = torch.Generator().manual_seed(seed)
     pool = load_prompts("shapes_pairs")
-    prompts = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:PROMPTS]]
-    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (PROMPTS,), generator=g)]
-    before = float(hard_scores(learner, prompts, seeds).mean())
+    chosen = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:prompts]]
+    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (prompts,), generator=g)]
+    before = float(hard_scores(learner, chosen, seeds).mean())
     soft = []
     for u in range(updates):
-        soft.append(learner.train_prompts(prompts, seeds)["reward_mean"])
+        soft.append(learner.train_prompts(chosen, seeds)["reward_mean"])
         if trace:
-            print(f"  seed {seed} update {u + 1}: {float(hard_scores(learner, prompts, seeds).mean()):.3f}", flush=True)
-    return before, float(hard_scores(learner, prompts, seeds).mean()), soft
+            print(f"  seed {seed} update {u + 1}: {float(hard_scores(learner, chosen, seeds).mean()):.3f}", flush=True)
+    return before, float(hard_scores(learner, chosen, seeds).mean()), soft
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    env = {"prompts": ("PROMPTS", int), "updates": ("UPDATES", int), "steps": ("STEPS", int), "lr": ("LR", float)}
+    kw = {k: cast(os.environ[name]) if name in os.environ else FAST[k] for k, (name, cast) in env.items()}
+    print(f"settings: {kw}", flush=True)
     for sd in map(int, sys.argv[1:]):
-        b, a, soft = fixed_batch_gain(sd, trace=True)
+        b, a, soft = fixed_batch_gain(sd, **kw, trace=True)
         print(f"seed {sd}: hard {b:.3f} -> {a:.3f} ({a - b:+.3f}); shapes_soft per update "
               f"{' '.join(f'{x:.3f}' for x in soft)} ({soft[-1] - soft[0]:+.3f})", flush=True)

@@ -63,7 +63,8 @@ class PromptsConfig(_Strict):
 class SamplingConfig(_Strict):
     num_steps: int = Field(20, ge=2, le=1000, description="DDIM denoising steps T per image.")
     eta: float = Field(
-        1.0, gt=0, le=1, description="DDIM eta; must be > 0 so each step is stochastic and has a log-prob."
+        1.0, ge=0, le=1, description="DDIM eta; > 0 for DDPO and RWR (each step stochastic, with a log-prob); "
+        "AlignProp may use 0 (deterministic DDIM: the layout is a function of the initial noise and the model)."
     )
     guidance_scale: float = Field(
         5.0, ge=1.0, description="Constant CFG scale used when exploration is off, and for evaluation."
@@ -278,6 +279,11 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"cluster.num_learners must be 1 with cluster.backend=local (got {self.cluster.num_learners}): "
                 "data-parallel learners are Ray actors"
+            )
+        if self.sampling.eta == 0 and self.algorithm.name != "alignprop":
+            raise ValueError(
+                f"sampling.eta must be > 0 with algorithm.name={self.algorithm.name}: its update needs each "
+                "step's log-prob, which a deterministic DDIM step (eta 0) does not have; use eta 1 (DDPO's)"
             )
         if self.algorithm.name == "alignprop" and self.replay.max_staleness:
             raise ValueError(

@@ -74,6 +74,8 @@ def ddim_step_with_logprob(
     prev_sample = prev_sample.float()
     # the log-prob's gradient flows through the mean only (DDPO); the returned sample keeps its graph, so
     # reward backpropagation (AlignProp) differentiates through the chain with this same function
+    if eta == 0:  # deterministic DDIM (reward backpropagation and evaluation only): no density, log-prob 0
+        return prev_sample, torch.zeros(prev_sample.shape[0], device=prev_sample.device)
     log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 

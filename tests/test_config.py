@@ -22,7 +22,8 @@ def test_overrides_parse_yaml_values():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("sampling.eta=0", "config field sampling.eta: Input should be greater than 0 (got 0)"),
+        ("sampling.eta=0", "sampling.eta must be > 0 with algorithm.name=ddpo"),
+        ("sampling.eta=-0.5", "config field sampling.eta: Input should be greater than or equal to 0 (got -0.5)"),
         ("exploration.cfg_schedule.low=9", "config field exploration.cfg_schedule: high must be >= low (got 5.0 < 9.0)"),
         ("exploration.cfg_schedule.kind=zigzag", "config field exploration.cfg_schedule.kind"),
         ("train.samples_per_epoch=10", "train.samples_per_epoch (10) must be a multiple of algorithm.minibatch_size (8)"),

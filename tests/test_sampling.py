@@ -52,6 +52,25 @@ def test_step_matches_diffusers_and_gaussian_density():
         x = prev
 
 
+def test_eta_zero_is_deterministic_ddim():
+    """eta 0 (AlignProp's option): diffusers' deterministic DDIM step, whatever the noise; log-prob reported as 0."""
+    torch.manual_seed(1)
+    s = _sched()
+    s.set_timesteps(10)
+    x = torch.randn(2, 4, 8, 8)
+    for t in s.timesteps.tolist():
+        eps = torch.randn(2, 4, 8, 8)
+        tt = torch.full((2,), t, dtype=torch.long)
+        a, lp = ddim_step_with_logprob(s.alphas_cumprod, float(s.final_alpha_cumprod), 1000, 10, eps, tt, x, 0.0,
+                                       noise=torch.randn(2, 4, 8, 8))  # fmt: skip
+        b, _ = ddim_step_with_logprob(s.alphas_cumprod, float(s.final_alpha_cumprod), 1000, 10, eps, tt, x, 0.0,
+                                      noise=torch.randn(2, 4, 8, 8))  # fmt: skip
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, s.step(eps, t, x, eta=0.0).prev_sample, atol=1e-5, rtol=1e-5)
+        assert torch.equal(lp, torch.zeros(2))
+        x = a
+
+
 def test_rollout_logprobs_recompute_exactly(tiny_cfg, tiny_pipe):
     model = StableDiffusion(tiny_pipe)
     plans = [plan_rollout(p, i, tiny_cfg.exploration, 6, 5.0, explore=True) for i, p in enumerate(["a cat", "a dog"])]
