@@ -73,7 +73,7 @@ def test_ray_start_then_job_submit_runs_a_tiny_training(tmp_path):
                 [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
                  "python", "-m", "learner.main", "--config", "tiny", "--set", "train.epochs=2",
                  "--set", "sampling.num_steps=4", "--set", "train.samples_per_epoch=8", "--set", "algorithm.minibatch_size=4", "--set", "eval.every=0",
-                 "--set", "cluster.local_dashboard=false", "--output", str(out)],
+                 "--set", "cluster.local_dashboard=false", "--set", "cluster.num_samplers=1", "--output", str(out)],
                 env=env, capture_output=True, text=True, timeout=600, check=False,
             )  # fmt: skip
             log = job.stdout + job.stderr
