@@ -154,6 +154,22 @@ class RunDir:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor("images"), json.loads(f.metadata()["prompts"])
 
+    def _curve_labels(self) -> tuple[str, str]:
+        """(label of the training curve, "<eval reward>, " when evaluation uses another reward) from the run's
+        config.yaml: which reward each curve shows and whether training rollouts explored."""
+        import yaml
+
+        try:
+            data = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return "training rollouts", ""
+        names = lambda r: "+".join(t.get("name", "?") for t in (r or {}).get("terms", []))  # noqa: E731
+        train = names(data.get("reward"))
+        explore = (data.get("exploration") or {}).get("enabled", False)
+        label = f"training rollouts ({train}{', with exploration' if explore else ''})" if train else "training rollouts"
+        ev = names((data.get("eval") or {}).get("reward"))
+        return label, (f"{ev}, " if ev and ev != train else "")
+
     def plot_reward_curve(self) -> Path | None:
         import matplotlib
 
@@ -170,6 +186,7 @@ class RunDir:
         tr = [(r["reward_queries"], r["reward_mean"]) for r in rows if "reward_mean" in r]
         if not tr and not any("eval_reward_mean" in r for r in rows):
             return None
+        train_label, eval_reward = self._curve_labels()
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for name in sets:
             key = "eval_reward" if name == "reward" else f"eval_{name}_reward"
@@ -180,11 +197,11 @@ class RunDir:
             x, y, s = zip(*ev)
             label = "evaluation" if name == "reward" else f"evaluation: {name}"
             ax.errorbar(
-                x, y, yerr=s, marker="o", capsize=3, label=label + " (plain prompts, constant CFG; 95% CI)"
+                x, y, yerr=s, marker="o", capsize=3, label=label + f" ({eval_reward}plain prompts, constant CFG; 95% CI)"
             )
         if tr:
             x, y = zip(*tr)
-            ax.plot(x, y, alpha=0.6, label="training rollouts (with exploration)")
+            ax.plot(x, y, alpha=0.6, label=train_label)
         ax.set_xlabel("reward queries (training images scored)")
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
