@@ -26,3 +26,17 @@ def test_grid_labels_rows_with_prompts_and_images_with_scores(tmp_path):
         assert (corner < 100).any() and (corner == 255).any(), i
         assert (tiles[y + 5 : y + 40, x + 5 : x + 60] == 128).all(), i
     assert (plain[1:64, 1:64] == 128).all()
+
+
+def test_reward_curve_names_the_rewards_and_exploration(tmp_path):
+    import yaml
+
+    run = RunDir(tmp_path)
+    assert run._curve_labels() == ("training rollouts", "")  # no config.yaml: plain labels
+    cfg = {"reward": {"terms": [{"name": "shapes_soft"}]}, "exploration": {"enabled": False},
+           "eval": {"reward": {"terms": [{"name": "shapes"}]}}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run._curve_labels() == ("training rollouts (shapes_soft)", "shapes, ")
+    cfg["exploration"]["enabled"], cfg["eval"]["reward"] = True, None
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run._curve_labels() == ("training rollouts (shapes_soft, with exploration)", "")
