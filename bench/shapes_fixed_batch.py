@@ -39,8 +39,14 @@ def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return ShapesReward()(learner.model.decode(latents), prompts)
 
 
-def fixed_batch_gain(seed: int, prompts: int = 16, updates: int = 8, steps: int = 10, lr: float = 3e-4,
-                     trace: bool = False) -> tuple[float, float, list[float]]:  # fmt: skip
+def fixed_batch_gain(
+    seed: int,
+    prompts: int = FAST["prompts"],
+    updates: int = FAST["updates"],
+    steps: int = FAST["steps"],
+    lr: float = FAST["lr"],
+    trace: bool = False,
+) -> tuple[float, float, list[float]]:
     """(hard score before, hard score after, training reward per update) of `prompts` `shapes_pairs` prompts x 1
     noise seed each, after `updates` AlignProp updates (one optimizer step each) on exactly that batch. The
     training reward (`shapes_soft`) of update u is that of the policy after u - 1 updates: every update

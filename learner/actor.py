@@ -86,8 +86,9 @@ class LearnerActor:
         self.learner.progress = 0
         t0 = time.perf_counter()
         batches = [b for _, b in got]
-        # arrival order depends on which sampler finished first; train in seed order so runs are reproducible
-        # and equal to the local backend's
+        # arrival order depends on which sampler finished first: batches in a fixed order keep the reward
+        # metrics' float sums reproducible; the update itself sees samples in seed order
+        # (in_seed_order below), as on the local backend
         batches.sort(key=lambda b: (b.plans[0]["seed"], b.batch_id))
         samples = sum(len(b) for b in batches)
         batches, nonfinite = drop_nonfinite(batches, batches[0].epoch)

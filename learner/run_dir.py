@@ -163,7 +163,10 @@ class RunDir:
             data = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
         except (OSError, yaml.YAMLError):
             return "training rollouts", ""
-        names = lambda r: "+".join(t.get("name", "?") for t in (r or {}).get("terms", []))  # noqa: E731
+
+        def names(reward: dict | None) -> str:
+            return "+".join(t.get("name", "?") for t in (reward or {}).get("terms", []))
+
         train = names(data.get("reward"))
         explore = (data.get("exploration") or {}).get("enabled", False)
         label = f"training rollouts ({train}{', with exploration' if explore else ''})" if train else "training rollouts"
