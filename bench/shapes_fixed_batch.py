@@ -1,8 +1,8 @@
 """AlignProp on a fixed batch of Shapes prompts and noise seeds: does the hard detector's score of exactly the
-images trained on rise within a few updates? The suite's Shapes learning test (tests/test_shapes_learning.py)
-runs `fixed_batch_gain` with the settings measured here.
+images trained on rise within a few updates? (Until session 18 the suite's Shapes learning test ran
+`fixed_batch_gain` at FAST; it now runs a short evaluated run, bench/shapes_short_run.py.)
 
-    THREADS=2 python bench/shapes_fixed_batch.py 0 1 2 3 4            # the test's settings (FAST), 5 seeds
+    THREADS=2 python bench/shapes_fixed_batch.py 0 1 2 3 4            # FAST (session 17's suite test), 5 seeds
     PROMPTS=8 UPDATES=5 STEPS=20 LR=3e-4 python bench/shapes_fixed_batch.py 0 1 2 3 4   # session 16's probe
 
 Per seed: PROMPTS `shapes_pairs` prompts x 1 noise seed, the `shapes_alignprop` preset at STEPS DDIM steps
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 PRESET = "shapes_alignprop"  # AlignProp through the whole chain, shapes_soft with rel_scale 8, minibatch 8
-FAST = {"prompts": 16, "updates": 8, "steps": 10, "lr": 3e-4}  # the suite test's settings
+FAST = {"prompts": 16, "updates": 8, "steps": 10, "lr": 3e-4}  # session 17's suite test
 
 
 def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
