@@ -23,20 +23,26 @@ PRESET = "shapes_alignprop"  # AlignProp through the whole chain, shapes_soft wi
 FAST = {"prompts": 16, "updates": 8, "steps": 10, "lr": 3e-4}  # session 17's suite test
 
 
-def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-    """The hard detector's score [B] of the policy's images for these prompts and noise seeds (plain prompts,
-    constant guidance: the same chain the samplers and the evaluation run)."""
+def hard_details(learner, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The hard detector's score [B] and 0/1 components (full, colours, shapes, relation, extra) of the policy's
+    images for these prompts and noise seeds (plain prompts, constant guidance: the same chain the samplers and
+    the evaluation run), with the model's own conditioning and CFG negative."""
     from common.exploration import plan_rollout
     from learner.alignprop import sample_with_grad
     from rewards.shapes import ShapesReward
 
-    s = learner.cfg.sampling
+    s, m = learner.cfg.sampling, learner.model
     plans = [plan_rollout(p, sd, learner.cfg.exploration, s.num_steps, s.guidance_scale, False) for p, sd in zip(prompts, seeds)]
     with torch.no_grad():
-        cond = learner.model.condition([p.weighted_prompt for p in plans])
+        cond = m.condition([p.weighted_prompt for p in plans])
         guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-        latents = sample_with_grad(learner.model, cond, learner.uncond, guidance, seeds, s.num_steps, s.eta, 0)
-        return ShapesReward()(learner.model.decode(latents), prompts)
+        latents = sample_with_grad(m, cond, m.negative(), guidance, seeds, s.num_steps, s.eta, 0)
+        return ShapesReward().score_details(m.decode(latents), prompts)
+
+
+def hard_scores(learner, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """The hard detector's score [B] of the policy's images (`hard_details`)."""
+    return hard_details(learner, prompts, seeds)[0]
 
 
 def fixed_batch_gain(

@@ -62,18 +62,9 @@ def attach_text_encoder_lora(learner, lr: float, rank: int = 8) -> None:
 
 def rates(learner, prompts: list[str], seeds: list[int]) -> dict[str, float]:
     """The hard detector's full / shapes / relation rates of the policy's images (plain prompts, no exploration)."""
-    from common.exploration import plan_rollout
-    from learner.alignprop import sample_with_grad
-    from rewards.shapes import ShapesReward
+    from bench.shapes_fixed_batch import hard_details
 
-    s, m = learner.cfg.sampling, learner.model
-    plans = [plan_rollout(p, sd, learner.cfg.exploration, s.num_steps, s.guidance_scale, False) for p, sd in zip(prompts, seeds)]
-    with torch.no_grad():
-        uncond = m.negative()
-        cond = m.condition([p.weighted_prompt for p in plans])
-        guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-        latents = sample_with_grad(m, cond, uncond, guidance, seeds, s.num_steps, s.eta, 0)
-        _, d = ShapesReward().score_details(m.decode(latents), prompts)
+    _, d = hard_details(learner, prompts, seeds)
     return {k: round(float(d[k].mean()), 3) for k in ("full", "shapes", "relation")}
 
 
