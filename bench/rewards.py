@@ -4,7 +4,7 @@ Each reward runs in its own process (as in its own reward actor), scoring batche
 size SD1.5 produces; preprocessing included) against animal x activity prompts. Prints one JSON document.
 
     python bench/rewards.py                 # reduced sizes on this CPU
-    python bench/rewards.py --full          # published sizes (ViT-L/14, ViT-H/14): a GPU
+    python bench/rewards.py --full          # published sizes (ViT-L/14, ViT-H/14, BLIP ViT-L/16): a GPU
     python bench/rewards.py --rewards aesthetic,pickscore --batch 32 --reps 3
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-NAMES = ["aesthetic", "clipscore", "pickscore", "hpsv2"]
+NAMES = ["aesthetic", "clipscore", "pickscore", "hpsv2", "imagereward"]
 
 
 def one(name: str, args) -> dict:

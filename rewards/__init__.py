@@ -1,6 +1,6 @@
 """Rewards by name: `build_reward(name, **options)`; every reward maps (images [B,3,H,W] in [0,1], prompts) -> [B]."""
 
-from rewards import aesthetic, clip_alignment, hpsv2, jpeg  # noqa: F401  (register themselves)
+from rewards import aesthetic, clip_alignment, hpsv2, imagereward, jpeg  # noqa: F401  (register themselves)
 from rewards.loading import RewardLoadError
 from rewards.registry import Reward, build_reward, check_reward, register_reward, reward_names, reward_options
 

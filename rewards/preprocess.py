@@ -1,6 +1,7 @@
 """CLIP-style image preprocessing in torch: on the reward's device, differentiable, batched.
 
-Matches the reference processors (transformers' `CLIPImageProcessor`, open_clip's eval transform): resize
+Matches the reference processors (transformers' `CLIPImageProcessor`, open_clip's eval transform, which
+ImageReward's `_transform` repeats step for step): resize
 the shorter side to `size` (bicubic, antialiased), centre-crop `size` x `size`, normalise with the CLIP
 mean and std. The references work on uint8 images through PIL, which rounds to grey levels and
 uses the bicubic kernel with a = -0.5 where torch uses a = -0.75. Measured against both references

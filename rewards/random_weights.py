@@ -2,7 +2,7 @@
 
 Tests and bench/rewards.py build these (nothing can be downloaded there) and load them through the same
 code as the real checkpoints. `full=True` gives the published sizes (CLIP ViT-L/14, CLIP ViT-H/14,
-open_clip ViT-H-14), for throughput and memory on a GPU; otherwise a reduced width and depth that a CPU
+open_clip ViT-H-14, ImageReward's BLIP ViT-L/16 + BERT-base), for throughput and memory on a GPU; otherwise a reduced width and depth that a CPU
 runs in milliseconds. The aesthetic head is small enough to be full size always.
 """
 
@@ -73,6 +73,91 @@ def save_hps(directory: str | Path, full: bool = False, seed: int = 2) -> tuple[
     return str(path), arch
 
 
+# ImageReward: BLIP ViT-L/16 at 224 px and BERT-base with cross-attention (the package's med_config)
+IR_FULL = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                patch_size=16),
+           dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=512))  # fmt: skip
+IR_SMALL = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=224,
+                 patch_size=32),
+            dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                 max_position_embeddings=64))  # fmt: skip
+# transformers' BLIP vision names -> the timm-style names of BLIP's ViT in ImageReward.pt
+_TO_BLIP_VIT = [
+    (r"^embeddings\.class_embedding$", "cls_token"),
+    (r"^embeddings\.position_embedding$", "pos_embed"),
+    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^post_layernorm\.", "norm."),
+]
+
+
+def save_bert_tokenizer(directory: str | Path) -> str:
+    """A lower-casing WordPiece tokenizer (BertTokenizer files) whose vocabulary covers the shipped prompt
+    sets word for word and anything else letter by letter; the stand-in for bert-base-uncased offline."""
+    from common.prompts import load_prompts, prompt_set_names
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = set()
+    for name in prompt_set_names():
+        for prompt in load_prompts(name):
+            words.update(prompt.lower().replace(",", " , ").replace(".", " . ").split())
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,;:!?'\"-()", *chars, *(f"##{c}" for c in chars)]
+    vocab += sorted(words - set(vocab))
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))  # fmt: skip
+    return str(directory)
+
+
+def save_imagereward(path: str | Path, full: bool = False, seed: int = 3) -> str:
+    """A random ImageReward.pt in the package's key layout (blip.visual_encoder.*, blip.text_encoder.*, mlp.*,
+    with the unused blip.vision_proj / text_proj the published file also holds)."""
+    import re
+
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from rewards.imagereward import ImageRewardHead
+
+    vcfg, tcfg = IR_FULL if full else IR_SMALL
+    torch.manual_seed(seed)
+    vision = BlipVisionModel(BlipVisionConfig(**vcfg, layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(**tcfg, encoder_hidden_size=vcfg["hidden_size"], is_decoder=True,
+                                        bos_token_id=None, eos_token_id=None, sep_token_id=None),
+                         add_pooling_layer=False)  # fmt: skip
+    head = ImageRewardHead(tcfg["hidden_size"])
+    with torch.no_grad():  # variance-preserving weights, so that scores differ from image to image (the
+        # library's 0.02 init gives nearly constant scores, under which a wrong key mapping would go unseen)
+        for module in (vision, text, head):
+            for name, p in module.named_parameters():
+                if p.ndim >= 2 and "embedding" not in name:
+                    p.normal_(0, p[0].numel() ** -0.5)
+                elif "embedding" in name:
+                    p.normal_(0, 1.0)
+                elif name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    state = {}
+    for k, v in vision.state_dict().items():
+        for pattern, repl in _TO_BLIP_VIT:
+            k, n = re.subn(pattern, repl, k)
+            if n:
+                break
+        state[f"blip.visual_encoder.{k}"] = v
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(tcfg["max_position_embeddings"])[None]
+    state.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    for name, width in (("vision_proj", vcfg["hidden_size"]), ("text_proj", tcfg["hidden_size"])):
+        state[f"blip.{name}.weight"], state[f"blip.{name}.bias"] = torch.randn(256, width) * 0.02, torch.zeros(256)
+    torch.save(state, path)
+    return str(path)
+
+
 def reward_terms(directory: str | Path, full: bool = False) -> dict[str, dict]:
     """Options of every learned reward on random weights saved under `directory` (built on first use)."""
     d = Path(directory)
@@ -90,9 +175,16 @@ def reward_terms(directory: str | Path, full: bool = False) -> dict[str, dict]:
     hps_dir = d / ("hps-full" if full else "hps-small")
     hps_dir.mkdir(exist_ok=True)
     hps, arch = save_hps(hps_dir, full)
+    ir = d / ("ImageReward-full.pt" if full else "ImageReward-small.pt")
+    if not ir.is_file():
+        save_imagereward(ir, full)
+    bert = d / "bert-tokenizer"
+    if not (bert / "vocab.txt").is_file():
+        save_bert_tokenizer(bert)
     return {
         "aesthetic": {"head_path": str(head), "clip_path": str(clip)},
         "clipscore": {"path": str(clip)},
         "pickscore": {"path": str(pick)},
         "hpsv2": {"path": hps, "arch": arch},
+        "imagereward": {"path": str(ir), "tokenizer_path": str(bert)},
     }

@@ -37,6 +37,7 @@ def rewards(weights, clip_dir):
         "clipscore_w": build_reward("clipscore", w=2.5, **weights["clipscore"]),
         "pickscore": build_reward("pickscore", **weights["pickscore"]),
         "hpsv2": build_reward("hpsv2", **weights["hpsv2"]),
+        "imagereward": build_reward("imagereward", **weights["imagereward"]),
     }
 
 
@@ -48,7 +49,7 @@ def _images(n=5, size=64, seed=0):
 PROMPTS = ["a cat", "a dog riding a bike", "a monkey washing the dishes", "a cat", "an owl"]
 
 
-@pytest.mark.parametrize("name", ["aesthetic", "clipscore", "clipscore_w", "pickscore", "hpsv2"])
+@pytest.mark.parametrize("name", ["aesthetic", "clipscore", "clipscore_w", "pickscore", "hpsv2", "imagereward"])
 def test_scores_are_finite_batch_invariant_and_deterministic(rewards, name):
     r = rewards[name]
     images = _images()
@@ -76,11 +77,72 @@ def test_score_values_follow_each_definition(rewards):
         assert rewards["hpsv2"](one, ["a cat", "a dog", "a red car"]).unique().numel() == 3
 
 
-@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hpsv2"])
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hpsv2", "imagereward"])
 def test_gradients_flow_to_the_pixels(rewards, name):
     images = _images(2).requires_grad_(True)
     rewards[name](images, PROMPTS[:2]).sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+
+
+def _imagereward_by_hand(sd: dict, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ImageReward's score written out from the raw keys of ImageReward.pt (BLIP's timm-style ViT, BLIP's med
+    BERT with cross-attention, the MLP), independently of transformers' BLIP modules; heads = width / 64."""
+    F = torch.nn.functional
+
+    def lin(x, key):
+        return F.linear(x, sd[key + ".weight"], sd[key + ".bias"])
+
+    def norm(x, key, eps):
+        return F.layer_norm(x, x.shape[-1:], sd[key + ".weight"], sd[key + ".bias"], eps)
+
+    def attend(q, k, v, bias):
+        heads = max(1, q.shape[-1] // 64)
+        split = [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*split, attn_mask=bias).transpose(1, 2).flatten(2)
+
+    v = "blip.visual_encoder."
+    w = sd[v + "patch_embed.proj.weight"]
+    h = F.conv2d(pixels, w, sd[v + "patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    h = torch.cat([sd[v + "cls_token"].expand(len(h), -1, -1), h], 1) + sd[v + "pos_embed"]
+    for i in range(len({k.split(".")[3] for k in sd if k.startswith(v + "blocks.")})):
+        b = f"{v}blocks.{i}."
+        h = h + lin(attend(*lin(norm(h, b + "norm1", 1e-6), b + "attn.qkv").chunk(3, -1), None), b + "attn.proj")
+        h = h + lin(F.gelu(lin(norm(h, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image_tokens = norm(h, v + "norm", 1e-6)
+    t = "blip.text_encoder."
+    x = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][: ids.shape[1]]
+    x = norm(x, t + "embeddings.LayerNorm", 1e-12)
+    pad = (1.0 - mask[:, None, None, :].float()) * -10000.0
+    for i in range(len({k.split(".")[4] for k in sd if k.startswith(t + "encoder.layer.")})):
+        b = f"{t}encoder.layer.{i}."
+        for part, kv, bias in (("attention", None, pad), ("crossattention", image_tokens, None)):
+            src = x if kv is None else kv
+            a = attend(lin(x, f"{b}{part}.self.query"), lin(src, f"{b}{part}.self.key"), lin(src, f"{b}{part}.self.value"), bias)
+            x = norm(x + lin(a, f"{b}{part}.output.dense"), f"{b}{part}.output.LayerNorm", 1e-12)
+        x = norm(x + lin(F.gelu(lin(x, b + "intermediate.dense")), b + "output.dense"), b + "output.LayerNorm", 1e-12)
+    r = x[:, 0]
+    for i in (0, 2, 4, 6, 7):
+        r = lin(r, f"mlp.layers.{i}")
+    return ((r - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)
+
+
+def test_imagereward_is_the_published_forward_on_the_published_keys(rewards, weights):
+    """Loaded through transformers' BLIP modules, the score equals the forward written by hand from
+    ImageReward.pt's own key layout: the key mapping, the cross-attention and the head are the package's.
+    (bench/imagereward_reference.py checks the same against the image-reward package itself.)"""
+    r = rewards["imagereward"]
+    sd = torch.load(weights["imagereward"]["path"], weights_only=True)
+    images = _images(4, size=256)
+    prompts = ["a cat", "a monkey washing the dishes", "a red circle to the left of a blue square", "an owl"]
+    ids, mask = r.tokens(prompts)
+    assert (mask.sum(1) < 35).all() and ids.shape == (4, 35)  # padded to 35 as the package tokenizes
+    with torch.no_grad():
+        ours = r(images, prompts)
+        by_hand = _imagereward_by_hand(sd, clip_preprocess(images, 224), ids, mask)
+        swapped = r(images, prompts[::-1])
+    torch.testing.assert_close(ours, by_hand, atol=1e-4, rtol=1e-4)
+    assert ours.std() > 0.05  # the random weights are expressive enough for the comparison to mean something
+    assert (ours - swapped).abs().min() > 1e-4  # the text cross-attends to the image: the prompt matters
 
 
 @pytest.mark.parametrize("size", [(64, 64), (512, 512), (300, 200)])
@@ -123,7 +185,7 @@ def test_non_finite_learned_scores_are_refused(clip_dir, head_file):
         reward(_images(2), PROMPTS[:2])
 
 
-def test_bad_inputs_name_the_option_and_the_fix(tmp_path, clip_dir, head_file, monkeypatch):
+def test_bad_inputs_name_the_option_and_the_fix(tmp_path, clip_dir, head_file, monkeypatch, weights):
     from rewards.aesthetic import AestheticHead
 
     with pytest.raises(RewardLoadError, match=r"option head_path='/nope/head.pth': no such file; give the MLP head's .pth"):
@@ -145,6 +207,13 @@ def test_bad_inputs_name_the_option_and_the_fix(tmp_path, clip_dir, head_file, m
         build_reward("aesthetic", head_path=str(not_a_head), clip_path=clip_dir)
     with pytest.raises(RewardLoadError, match=r"hpsv2.*arch='ViT-Q-99' is not an open_clip architecture"):
         check_reward("hpsv2", {"path": head_file, "arch": "ViT-Q-99"})
+    tok = weights["imagereward"]["tokenizer_path"]
+    with pytest.raises(RewardLoadError, match=r"imagereward.*option path='/nope/ImageReward.pt': no such file; give the ImageReward checkpoint"):
+        check_reward("imagereward", {"path": "/nope/ImageReward.pt", "tokenizer_path": tok})
+    with pytest.raises(RewardLoadError, match=r"is not an ImageReward \(BLIP ViT-L/16 \+ BERT-base with cross-attention \+ MLP head\) checkpoint"):
+        build_reward("imagereward", path=head_file, tokenizer_path=tok)  # the aesthetic head: another model
+    with pytest.raises(RewardLoadError, match=r"option tokenizer_path='google-bert/bert-base-uncased' is a hub id, but HF_HUB_OFFLINE=1"):
+        check_reward("imagereward", {"path": weights["imagereward"]["path"]})
 
 
 def test_a_checkpoint_of_another_architecture_is_named(tmp_path, head_file):
