@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewards.loading import RewardLoadError, load_clip_model, load_state_strict, resolve_source, reward_device, reward_dtype
+from rewards.loading import (
+    load_clip_model, load_state_strict, load_torch_state, resolve_source, reward_device, reward_dtype,
+)  # fmt: skip
 from rewards.preprocess import clip_preprocess
 from rewards.registry import register_reward
 
@@ -46,11 +48,7 @@ class AestheticScore:
         self.clip = load_clip_model(self.name, clip, self.device, self.dtype, "CLIPModel (CLIP ViT-L/14)")
         dim = self.clip.config.projection_dim
         self.head = AestheticHead(dim)
-        try:
-            state = torch.load(head_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same error to a user
-            raise RewardLoadError(f"reward 'aesthetic': head_path={head_path!r} is unreadable ({err.__class__.__name__})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = load_torch_state(self.name, "head_path", head_path)
         load_state_strict(self.head, state, self.name, head_path, f"aesthetic MLP head ({dim} -> 1024 -> 128 -> 64 -> 16 -> 1)")
         self.head.to(self.device, self.dtype).eval().requires_grad_(False)
         self.size = self.clip.config.vision_config.image_size

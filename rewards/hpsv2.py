@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 
 from rewards.loading import (
-    RewardLoadError, hub_file, load_state_strict, resolve_source, reward_device, reward_dtype,
+    RewardLoadError,
+    hub_file,
+    load_state_strict,
+    load_torch_state,
+    resolve_source,
+    reward_device,
+    reward_dtype,
 )  # fmt: skip
 from rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 from rewards.registry import register_reward
@@ -35,11 +41,7 @@ class HPSv2:
                                 hub_file=HPS_FILE, kind="file")  # fmt: skip
         ckpt_file = hub_file(source, HPS_FILE)
         model = open_clip.create_model(arch, pretrained=None)
-        try:
-            state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise RewardLoadError(f"reward 'hpsv2': path={ckpt_file!r} is unreadable ({err.__class__.__name__})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = load_torch_state(self.name, "path", ckpt_file)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         load_state_strict(model, state, self.name, ckpt_file, f"open_clip {arch}")
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)

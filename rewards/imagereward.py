@@ -29,7 +29,15 @@ import re
 import torch
 from torch import nn
 
-from rewards.loading import RewardLoadError, hub_file, resolve_source, reward_device, reward_dtype
+from rewards.aesthetic import AestheticHead
+from rewards.loading import (
+    RewardLoadError,
+    hub_file,
+    load_torch_state,
+    resolve_source,
+    reward_device,
+    reward_dtype,
+)
 from rewards.preprocess import clip_preprocess
 from rewards.registry import register_reward
 
@@ -42,39 +50,32 @@ EXPECTED = "ImageReward (BLIP ViT-L/16 + BERT-base with cross-attention + MLP he
 # keys of the published file that the score does not use (the package loads with strict=False)
 _IGNORED = re.compile(r"^blip\.(vision_proj|text_proj)\.|position_ids$")
 
-_VISION_RENAMES = [
-    (r"^cls_token$", "embeddings.class_embedding"),
-    (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
-    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-    (r"^norm\.", "post_layernorm."),
+# BLIP's timm-style ViT names (ImageReward.pt) and transformers' BlipVisionModel names; {} is a block number
+VISION_NAMES = [
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("blocks.{}.norm1.", "encoder.layers.{}.layer_norm1."),
+    ("blocks.{}.norm2.", "encoder.layers.{}.layer_norm2."),
+    ("blocks.{}.attn.qkv.", "encoder.layers.{}.self_attn.qkv."),
+    ("blocks.{}.attn.proj.", "encoder.layers.{}.self_attn.projection."),
+    ("blocks.{}.mlp.", "encoder.layers.{}.mlp."),
+    ("norm.", "post_layernorm."),
 ]
 
 
-class ImageRewardHead(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, linear, with the published dropout slots (inactive in eval)."""
-
-    def __init__(self, dim: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-def _rename(key: str, rules) -> str:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
+def rename_vision(key: str, to_transformers: bool = True) -> str:
+    """One ViT key from the package's names to transformers' (or back)."""
+    for blip, hf in VISION_NAMES:
+        src, dst = (blip, hf) if to_transformers else (hf, blip)
+        new, n = re.subn("^" + re.escape(src).replace(r"\{\}", r"(\d+)"), dst.replace("{}", r"\1"), key)
         if n:
             return new
     return key
+
+
+# ImageReward's MLP is the improved-aesthetic-predictor's head (same layers, same dropout slots, no activations)
+ImageRewardHead = AestheticHead
 
 
 def split_checkpoint(state: dict, where: str) -> tuple[dict, dict, dict]:
@@ -86,7 +87,7 @@ def split_checkpoint(state: dict, where: str) -> tuple[dict, dict, dict]:
         if not isinstance(value, torch.Tensor) or _IGNORED.search(key):
             continue
         if key.startswith("blip.visual_encoder."):
-            vision[_rename(key.removeprefix("blip.visual_encoder."), _VISION_RENAMES)] = value
+            vision[rename_vision(key.removeprefix("blip.visual_encoder."))] = value
         elif key.startswith("blip.text_encoder."):
             text[key.removeprefix("blip.text_encoder.")] = value
         elif key.startswith("mlp."):
@@ -161,13 +162,7 @@ class ImageReward:
         source = resolve_source(self.name, "path", path, IR_REPO, f"the ImageReward checkpoint file ({IR_FILE})",
                                 hub_file=IR_FILE, kind="file")  # fmt: skip
         ckpt = hub_file(source, IR_FILE)
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same error to a user
-            raise RewardLoadError(f"reward 'imagereward': path={ckpt!r} is unreadable ({err.__class__.__name__})") from None
-        if not isinstance(state, dict):
-            raise RewardLoadError(f"reward 'imagereward': {ckpt} is not an {EXPECTED} checkpoint (not a state dict)")
-        state = state.get("state_dict", state)
+        state = load_torch_state(self.name, "path", ckpt)
         vision_sd, text_sd, head_sd = split_checkpoint(state, ckpt)
         vcfg, tcfg = architecture(vision_sd, text_sd)
         self.vision = BlipVisionModel(BlipVisionConfig(**vcfg))

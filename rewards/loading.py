@@ -76,6 +76,17 @@ def reward_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def load_torch_state(reward: str, option: str, path: str) -> dict:
+    """The state dict in a torch file (or under its "state_dict" key); RewardLoadError if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same error to a user
+        raise RewardLoadError(f"reward {reward!r}: {option}={path!r} is unreadable ({err.__class__.__name__})") from None
+    if not isinstance(state, dict):
+        raise RewardLoadError(f"reward {reward!r}: {option}={path!r} holds a {type(state).__name__}, not a state dict")
+    return state.get("state_dict", state)
+
+
 def load_state_strict(module: torch.nn.Module, state: dict, reward: str, path: str, expected: str) -> None:
     """load_state_dict that names the expected architecture when the file holds another one."""
     missing, unexpected = [], []

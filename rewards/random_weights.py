@@ -82,20 +82,6 @@ IR_SMALL = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  patch_size=32),
             dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                  max_position_embeddings=64))  # fmt: skip
-# transformers' BLIP vision names -> the timm-style names of BLIP's ViT in ImageReward.pt
-_TO_BLIP_VIT = [
-    (r"^embeddings\.class_embedding$", "cls_token"),
-    (r"^embeddings\.position_embedding$", "pos_embed"),
-    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"^post_layernorm\.", "norm."),
-]
-
-
 def save_bert_tokenizer(directory: str | Path) -> str:
     """A lower-casing WordPiece tokenizer (BertTokenizer files) whose vocabulary covers the shipped prompt
     sets word for word and anything else letter by letter; the stand-in for bert-base-uncased offline."""
@@ -119,11 +105,9 @@ def save_bert_tokenizer(directory: str | Path) -> str:
 def save_imagereward(path: str | Path, full: bool = False, seed: int = 3) -> str:
     """A random ImageReward.pt in the package's key layout (blip.visual_encoder.*, blip.text_encoder.*, mlp.*,
     with the unused blip.vision_proj / text_proj the published file also holds)."""
-    import re
-
     from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-    from rewards.imagereward import ImageRewardHead
+    from rewards.imagereward import ImageRewardHead, rename_vision
 
     vcfg, tcfg = IR_FULL if full else IR_SMALL
     torch.manual_seed(seed)
@@ -143,12 +127,7 @@ def save_imagereward(path: str | Path, full: bool = False, seed: int = 3) -> str
                 elif name.endswith("bias"):
                     p.normal_(0, 0.1)
     state = {}
-    for k, v in vision.state_dict().items():
-        for pattern, repl in _TO_BLIP_VIT:
-            k, n = re.subn(pattern, repl, k)
-            if n:
-                break
-        state[f"blip.visual_encoder.{k}"] = v
+    state.update({f"blip.visual_encoder.{rename_vision(k, False)}": v for k, v in vision.state_dict().items()})
     state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
     state["blip.text_encoder.embeddings.position_ids"] = torch.arange(tcfg["max_position_embeddings"])[None]
     state.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
