@@ -127,7 +127,7 @@ def architecture(vision: dict, text: dict) -> tuple[dict, dict]:
 
 def _load_strict(module: nn.Module, state: dict, part: str, where: str) -> None:
     try:
-        result = module.load_state_dict(state, strict=False)
+        result = module.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:  # a shape that does not fit
         detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
         raise RewardLoadError(f"reward 'imagereward': {where} does not fit {EXPECTED} ({part}: {detail})") from None
@@ -137,6 +137,13 @@ def _load_strict(module: nn.Module, state: dict, part: str, where: str) -> None:
             f"reward 'imagereward': {where} is not an {EXPECTED} checkpoint ({part}: missing {missing[:2]}, "
             f"unexpected {list(result.unexpected_keys)[:2]})"
         )
+    for name, buf in list(module.named_buffers()):  # built on the meta device; position ids are not in the file
+        if buf.is_meta:
+            if not name.endswith("position_ids"):  # a transformers version with buffers this code does not know
+                raise RuntimeError(f"imagereward: buffer {name} is not in the checkpoint and has no known value")
+            owner, _, leaf = name.rpartition(".")
+            value = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+            module.get_submodule(owner).register_buffer(leaf, value, persistent=False)
 
 
 @register_reward("imagereward")
@@ -165,9 +172,10 @@ class ImageReward:
         state = load_torch_state(self.name, "path", ckpt)
         vision_sd, text_sd, head_sd = split_checkpoint(state, ckpt)
         vcfg, tcfg = architecture(vision_sd, text_sd)
-        self.vision = BlipVisionModel(BlipVisionConfig(**vcfg))
-        self.text = BlipTextModel(BlipTextConfig(**tcfg), add_pooling_layer=False)
-        self.head = ImageRewardHead(tcfg["hidden_size"])
+        with torch.device("meta"):  # no random init, no second copy: the checkpoint's tensors become the weights
+            self.vision = BlipVisionModel(BlipVisionConfig(**vcfg))
+            self.text = BlipTextModel(BlipTextConfig(**tcfg), add_pooling_layer=False)
+            self.head = ImageRewardHead(tcfg["hidden_size"])
         _load_strict(self.vision, vision_sd, "image encoder", ckpt)
         _load_strict(self.text, text_sd, "text encoder", ckpt)
         _load_strict(self.head, head_sd, "MLP head", ckpt)
