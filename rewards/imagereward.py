@@ -171,7 +171,10 @@ class ImageReward:
         ckpt = hub_file(source, IR_FILE)
         state = load_torch_state(self.name, "path", ckpt)
         vision_sd, text_sd, head_sd = split_checkpoint(state, ckpt)
-        vcfg, tcfg = architecture(vision_sd, text_sd)
+        try:
+            vcfg, tcfg = architecture(vision_sd, text_sd)
+        except (KeyError, ValueError) as err:  # a truncated file: a layer's tensors are missing
+            raise RewardLoadError(f"reward 'imagereward': {ckpt} is not an {EXPECTED} checkpoint (missing {err})") from None
         with torch.device("meta"):  # no random init, no second copy: the checkpoint's tensors become the weights
             self.vision = BlipVisionModel(BlipVisionConfig(**vcfg))
             self.text = BlipTextModel(BlipTextConfig(**tcfg), add_pooling_layer=False)

@@ -212,6 +212,10 @@ def test_bad_inputs_name_the_option_and_the_fix(tmp_path, clip_dir, head_file, m
         check_reward("imagereward", {"path": "/nope/ImageReward.pt", "tokenizer_path": tok})
     with pytest.raises(RewardLoadError, match=r"is not an ImageReward \(BLIP ViT-L/16 \+ BERT-base with cross-attention \+ MLP head\) checkpoint"):
         build_reward("imagereward", path=head_file, tokenizer_path=tok)  # the aesthetic head: another model
+    truncated = {k: v for k, v in torch.load(weights["imagereward"]["path"], weights_only=True).items() if ".blocks.0." not in k}
+    torch.save(truncated, tmp_path / "truncated.pt")  # the first ViT block is gone
+    with pytest.raises(RewardLoadError, match=r"truncated.pt is not an ImageReward .* checkpoint \(missing"):
+        build_reward("imagereward", path=str(tmp_path / "truncated.pt"), tokenizer_path=tok)
     with pytest.raises(RewardLoadError, match=r"option tokenizer_path='google-bert/bert-base-uncased' is a hub id, but HF_HUB_OFFLINE=1"):
         check_reward("imagereward", {"path": weights["imagereward"]["path"]})
 
