@@ -10,6 +10,10 @@ prompts and the constant guidance, as the run's own evaluation does. Prints, per
 component, base -> fine-tuned means and the paired difference with its 95% CI; the base model is
 evaluated once per distinct evaluation set. The last lines give the seed mean of each difference with a
 t-interval over the runs.
+
+`--all-checkpoints` judges every checkpoint of each run (a curve of paired changes against reward queries;
+train with `train.checkpoint_every` small), and `--base-cache DIR` keeps the base model's scores on disk, so
+that several processes evaluating runs of one study compute them once.
 """
 
 from __future__ import annotations
@@ -26,22 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--images", type=int, default=4, help="images per prompt")
-    ap.add_argument("--max-prompts", type=int, default=60)
-    ap.add_argument("--sets", default="", help="comma-separated prompt sets (default: each run's prompts.eval)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+def paired_eval(runs: list[Path], images: int = 4, max_prompts: int = 60, sets: list[str] | None = None,
+                all_checkpoints: bool = False, base_cache: Path | None = None, log=print) -> list[dict]:
+    """One entry per judged checkpoint: run, checkpoint, reward_queries and, per evaluation set and reward
+    component, base and fine-tuned means and the paired difference with its 95% CI."""
+    import hashlib
 
-    torch.set_num_threads(args.threads)
-    from bench.runs import base_weights, last_checkpoint
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bench.runs import base_weights
+    from common.config import load_config
     from common.prompts import load_prompts
     from common.rollouts import RolloutGenerator, sample_seeds
+    from learner.run_dir import RunDir
     from rewards.combined import WeightedReward, score_in_batches
 
     def score(gen, reward, cfg, prompts, seeds) -> dict[str, torch.Tensor]:
@@ -53,48 +55,88 @@ def main() -> None:
                 out.setdefault(k.replace("/", "_"), []).append(v)
         return {k: torch.cat(v).double() for k, v in out.items()}
 
-    base_cache: dict = {}
+    base_mem: dict = {}
     results = []
-    for run_path in args.runs:
-        cfg, ckpt, lora, learner_state, counters = last_checkpoint(run_path)
+    for run_path in runs:
+        cfg = load_config(str(run_path / "config.yaml"))
+        run = RunDir(run_path)
+        ckpts = run.checkpoints()
+        if not ckpts:
+            raise SystemExit(f"{run_path}: no complete checkpoint")
+        if not all_checkpoints:
+            ckpts = ckpts[-1:]
         reward = WeightedReward(cfg.eval.reward or cfg.reward)
         gen = RolloutGenerator(cfg)
-        sets = args.sets.split(",") if args.sets else (cfg.prompts.eval or [cfg.prompts.train])
-        entry = {"run": str(run_path), "checkpoint": str(ckpt), "reward_queries": counters["reward_queries"], "sets": {}}
-        for src in sets:
-            prompts = [p for p in load_prompts(src)[: args.max_prompts] for _ in range(args.images)]
-            seeds = sample_seeds(cfg.eval.seed, -1, len(prompts))
-            key = (cfg.model.pretrained, src, args.images, args.max_prompts, cfg.eval.seed, cfg.sampling.num_steps,
-                   cfg.sampling.guidance_scale)  # fmt: skip
-            if key not in base_cache:
-                gen.set_weights(0, base_weights(lora))
-                base_cache[key] = score(gen, reward, cfg, prompts, seeds)
-            gen.set_weights(int(learner_state["version"]), lora)
-            tuned = score(gen, reward, cfg, prompts, seeds)
-            base = base_cache[key]
-            rows = {}
-            for k in tuned:
-                d = tuned[k] - base[k]
-                n = d.numel()
-                rows[k] = {"base": float(base[k].mean()), "tuned": float(tuned[k].mean()), "diff": float(d.mean()),
-                           "ci95": 1.96 * float(d.std(unbiased=True)) / math.sqrt(n), "n": n,
-                           "changed": float((d != 0).double().mean())}  # fmt: skip
-                print(f"{run_path.name} | {Path(src).stem} | {k}: {rows[k]['base']:.3f} -> {rows[k]['tuned']:.3f} "
-                      f"(paired diff {rows[k]['diff']:+.3f} +- {rows[k]['ci95']:.3f}, n={n}, "
-                      f"{rows[k]['changed']:.0%} of images changed score)", flush=True)  # fmt: skip
-            entry["sets"][Path(src).stem] = rows
-        results.append(entry)
-    if len(results) > 1:
-        print("\nseed mean of the paired differences (95% t-interval over runs):")
-        for s in results[0]["sets"]:
-            for k in results[0]["sets"][s]:
-                ds = [r["sets"][s][k]["diff"] for r in results if s in r["sets"]]
+        for ckpt in ckpts:
+            lora, learner_state, counters = run.load_checkpoint(ckpt)
+            entry = {"run": str(run_path), "checkpoint": str(ckpt), "reward_queries": counters["reward_queries"],
+                     "sets": {}}  # fmt: skip
+            for src in sets or cfg.prompts.eval or [cfg.prompts.train]:
+                prompts = [p for p in load_prompts(src)[:max_prompts] for _ in range(images)]
+                seeds = sample_seeds(cfg.eval.seed, -1, len(prompts))
+                key = [cfg.model.pretrained, src, images, max_prompts, cfg.eval.seed, cfg.sampling.num_steps,
+                       cfg.sampling.guidance_scale, (cfg.eval.reward or cfg.reward).model_dump()]  # fmt: skip
+                digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                cached = base_cache / f"base-{digest}.safetensors" if base_cache else None
+                if digest not in base_mem and cached is not None and cached.is_file():
+                    base_mem[digest] = load_file(str(cached))
+                if digest not in base_mem:
+                    gen.set_weights(0, base_weights(lora))
+                    base_mem[digest] = score(gen, reward, cfg, prompts, seeds)
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                        save_file(base_mem[digest], str(tmp))
+                        tmp.replace(cached)  # atomic: a concurrent reader sees a whole file or none
+                gen.set_weights(int(learner_state["version"]), lora)
+                tuned = score(gen, reward, cfg, prompts, seeds)
+                base = base_mem[digest]
+                rows = {}
+                for k in tuned:
+                    d = tuned[k] - base[k]
+                    n = d.numel()
+                    rows[k] = {"base": float(base[k].mean()), "tuned": float(tuned[k].mean()), "diff": float(d.mean()),
+                               "ci95": 1.96 * float(d.std(unbiased=True)) / math.sqrt(n), "n": n,
+                               "changed": float((d != 0).double().mean())}  # fmt: skip
+                    log(f"{run_path.name} | {ckpt.name} ({entry['reward_queries']} queries) | {Path(src).stem} | "
+                        f"{k}: {rows[k]['base']:.3f} -> {rows[k]['tuned']:.3f} (paired diff {rows[k]['diff']:+.3f} "
+                        f"+- {rows[k]['ci95']:.3f}, n={n}, {rows[k]['changed']:.0%} of images changed score)")  # fmt: skip
+                entry["sets"][Path(src).stem] = rows
+            results.append(entry)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--images", type=int, default=4, help="images per prompt")
+    ap.add_argument("--max-prompts", type=int, default=60)
+    ap.add_argument("--sets", default="", help="comma-separated prompt sets (default: each run's prompts.eval)")
+    ap.add_argument("--all-checkpoints", action="store_true", help="judge every checkpoint, not only the last")
+    ap.add_argument("--base-cache", type=Path, help="folder keeping the base model's scores between processes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = paired_eval(args.runs, args.images, args.max_prompts, args.sets.split(",") if args.sets else None,
+                          args.all_checkpoints, args.base_cache, log=lambda m: print(m, flush=True))  # fmt: skip
+    finals = {r["run"]: r for r in results}  # each run's last judged checkpoint
+    if len(finals) > 1:
+        print("\nseed mean of the paired differences at each run's last checkpoint (95% t-interval over runs):")
+        first = next(iter(finals.values()))
+        for s in first["sets"]:
+            for k in first["sets"][s]:
+                ds = [r["sets"][s][k]["diff"] for r in finals.values() if s in r["sets"]]
                 m = sum(ds) / len(ds)
                 sd = math.sqrt(sum((x - m) ** 2 for x in ds) / (len(ds) - 1)) if len(ds) > 1 else 0.0
                 print(f"{s} | {k}: {m:+.3f} +- {T95.get(len(ds) - 1, 2.0) * sd / math.sqrt(len(ds)):.3f} "
                       f"(runs: {', '.join(f'{x:+.3f}' for x in ds)})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
 
 
 if __name__ == "__main__":

@@ -33,39 +33,50 @@ def is_done(path: Path) -> bool:
     return m.is_file() and any(json.loads(x).get("final_eval") for x in m.read_text().splitlines() if x.strip())
 
 
+def run_pool(jobs: list[tuple[str, list[str], Path]], parallel: int, env: dict, log=print) -> list[str]:
+    """Run (name, command, log file) jobs as subprocesses from the project root, `parallel` at a time;
+    returns the names of those that failed."""
+    todo = list(jobs)
+    running: list[tuple[str, subprocess.Popen, float, Path]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            name, cmd, logpath = todo.pop(0)
+            logpath.parent.mkdir(parents=True, exist_ok=True)
+            with open(logpath, "w") as logf:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            running.append((name, proc, time.time(), logpath))
+            log(f"started {name}: {' '.join(cmd[2:])}")
+        time.sleep(2)
+        for item in list(running):
+            name, p, t0, logpath = item
+            if p.poll() is not None:
+                running.remove(item)
+                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode}, see {logpath})"
+                if p.returncode:
+                    failed.append(name)
+                log(f"{status}: {name} in {time.time() - t0:.0f} s")
+    return failed
+
+
 def launch_all(specs: list[RunSpec], out: Path, parallel: int, threads: int, log=print) -> None:
     """Run every spec not yet done, `parallel` at a time, each with `threads` torch threads."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in specs if not is_done(out / s.name)]
     log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; running {len(todo)}, {parallel} at a time")
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), OMP_NUM_THREADS=str(threads))
-    running: list[tuple[RunSpec, subprocess.Popen, float]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            s = todo.pop(0)
-            d = out / s.name
-            if d.exists():  # an unfinished earlier attempt: start it over
-                shutil.rmtree(d)
-            cmd = [sys.executable, "-m", "learner.main", "--config", s.config, "--output", str(d),
-                   "--set", "cluster.backend=local", "--set", f"cluster.local_torch_threads={threads}",
-                   "--set", "output.tensorboard=false"]  # fmt: skip
-            for o in s.overrides:
-                cmd += ["--set", o]
-            d.parent.mkdir(parents=True, exist_ok=True)
-            with open(out / f"{s.name}.log", "w") as logf:  # the child keeps its own copy of the descriptor
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
-            running.append((s, proc, time.time()))
-            log(f"started {s.name}: {' '.join(s.overrides)}")
-        time.sleep(2)
-        for item in list(running):
-            s, p, t0 = item
-            if p.poll() is not None:
-                running.remove(item)
-                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode}, see {out / s.name}.log)"
-                if p.returncode:
-                    failed.append(s.name)
-                log(f"{status}: {s.name} in {time.time() - t0:.0f} s")
+    jobs = []
+    for s in todo:
+        d = out / s.name
+        if d.exists():  # an unfinished earlier attempt: start it over
+            shutil.rmtree(d)
+        cmd = [sys.executable, "-m", "learner.main", "--config", s.config, "--output", str(d),
+               "--set", "cluster.backend=local", "--set", f"cluster.local_torch_threads={threads}",
+               "--set", "output.tensorboard=false"]  # fmt: skip
+        for o in s.overrides:
+            cmd += ["--set", o]
+        jobs.append((s.name, cmd, out / f"{s.name}.log"))
+    failed = run_pool(jobs, parallel, env, log)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 

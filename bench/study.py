@@ -13,6 +13,13 @@ metric against reward queries, mean over seeds with 95% CIs, one panel per evalu
 
     python bench/study.py --out runs/study --seeds 0,1,2 --set train.epochs=12 --parallel 2 --threads 1
 
+`--paired` also judges every checkpoint of every run against the base model on a large paired evaluation
+(bench/paired_eval.py: --paired-prompts prompts x --paired-images images per evaluation set, the same noise
+for base and fine-tuned), and writes paired.json, paired.md and paired.png: the change from the base model
+against reward queries, and the queries each arm needs to reach the plain arm's final change, read from
+these curves. The in-run evaluation is small (it costs training time); the paired curves are what to read
+"queries to reach" from. Train with `--set train.checkpoint_every=K` for curve points every K epochs.
+
 The protocol (arms, budget, seeds, evaluation) is fixed by these arguments; report whatever it gives.
 """
 
@@ -26,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.runs import RunSpec, eval_curve, launch_all, read_rows, seed_mean_ci
+from bench.runs import ROOT, RunSpec, eval_curve, launch_all, read_rows, run_pool, seed_mean_ci
 
 ARMS: dict[str, list[str]] = {
     "plain": ["exploration.enabled=false"],
@@ -167,6 +174,162 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_paired(out: Path, names: list[str], images: int, prompts: int, sets: str, parallel: int, threads: int,
+               log=print) -> None:
+    """bench/paired_eval.py --all-checkpoints on every run whose paired.json does not yet cover its last
+    checkpoint. The first runs alone, so that the base model's scores are computed once and cached."""
+    import os
+
+    from learner.run_dir import RunDir
+
+    def covered(run: Path) -> bool:
+        last = RunDir(run).latest_checkpoint()
+        f = run / "paired.json"
+        return last is not None and f.is_file() and any(e["checkpoint"] == str(last) for e in json.loads(f.read_text()))
+
+    jobs = []
+    for n in names:
+        if covered(out / n):
+            continue
+        cmd = [sys.executable, str(ROOT / "bench" / "paired_eval.py"), str(out / n), "--all-checkpoints",
+               "--images", str(images), "--max-prompts", str(prompts), "--threads", str(threads),
+               "--base-cache", str(out / "paired_base"), "--json", str(out / n / "paired.json")]  # fmt: skip
+        if sets:
+            cmd += ["--sets", sets]
+        jobs.append((f"paired {n}", cmd, out / f"{n}.paired.log"))
+    log(f"paired evaluation: {len(names) - len(jobs)} of {len(names)} runs already judged; judging {len(jobs)}")
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), OMP_NUM_THREADS=str(threads))
+    failed = run_pool(jobs[:1], 1, env, log) + run_pool(jobs[1:], parallel, env, log)
+    if failed:
+        raise RuntimeError(f"{len(failed)} paired evaluation(s) failed: {', '.join(failed)}")
+
+
+def reach_bootstrap(target_runs: list[list[tuple]], arm_runs: list[list[tuple]], n: int = 2000,
+                    seed: int = 0) -> dict:
+    """Queries at which the arm's seed-mean curve reaches the plain arm's seed-mean final value, with a
+    percentile bootstrap over seeds (both arms resampled). Curves are lists of (queries, value, ...) at the
+    same query points. `reached` is the fraction of resamples in which the curve gets there at all."""
+    import random
+
+    rng = random.Random(seed)
+
+    def mean_curve(curves):
+        return [(curves[0][j][0], sum(c[j][1] for c in curves) / len(curves), 0.0) for j in range(len(curves[0]))]
+
+    def one(targets, curves):
+        t = sum(c[-1][1] for c in targets) / len(targets)
+        return reach(mean_curve(curves), t)
+
+    point = one(target_runs, arm_runs)
+    boots = [one([rng.choice(target_runs) for _ in target_runs], [rng.choice(arm_runs) for _ in arm_runs])
+             for _ in range(n)]  # fmt: skip
+    got = sorted(b for b in boots if b is not None)
+    ci = (got[int(0.025 * (len(got) - 1))], got[int(0.975 * (len(got) - 1))]) if got else None
+    return {"queries": point, "ci95": ci, "reached": len(got) / n}
+
+
+def analyse_paired(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
+    """Curves of the paired change from the base model (0 at 0 queries) per arm, set and metric: per seed, and
+    mean over seeds with Student-t CIs; each arm's queries to reach the plain arm's final mean change."""
+    res: dict = {"arms": {}, "metrics": metrics, "sets": []}
+    for arm in arms:
+        a: dict = {}
+        for s in seeds:
+            f = out / f"{arm}-s{s}" / "paired.json"
+            if not f.is_file():
+                continue
+            entries = sorted(json.loads(f.read_text()), key=lambda e: e["reward_queries"])
+            for st in entries[0]["sets"]:
+                if st not in res["sets"]:
+                    res["sets"].append(st)
+                for m in metrics:
+                    if m not in entries[0]["sets"][st]:
+                        continue
+                    curve = [(0, 0.0, 0.0)] + [(e["reward_queries"], e["sets"][st][m]["diff"], e["sets"][st][m]["ci95"])
+                                               for e in entries]  # fmt: skip
+                    a.setdefault(f"{st}:{m}", {"per_seed": []})["per_seed"].append(curve)
+        for key, v in a.items():
+            n = min(len(c) for c in v["per_seed"])
+            v["per_seed"] = [c[:n] for c in v["per_seed"]]
+            v["mean"] = [(v["per_seed"][0][j][0], *seed_mean_ci([c[j][1] for c in v["per_seed"]])) for j in range(n)]
+        res["arms"][arm] = a
+    for key in res["arms"].get("plain", {}):
+        target = res["arms"]["plain"][key]["mean"][-1][1]
+        for arm in arms:
+            v = res["arms"][arm].get(key)
+            if v is None:
+                continue
+            hits = [reach(c, target) for c in v["per_seed"]]
+            got = [h for h in hits if h is not None]
+            v["reach_target"] = target
+            v["reach"] = {"reached": len(got), "of": len(hits), "queries": seed_mean_ci(got) if got else None,
+                          "mean_curve": reach_bootstrap(res["arms"]["plain"][key]["per_seed"], v["per_seed"])}  # fmt: skip
+    return res
+
+
+def markdown_paired(res: dict) -> str:
+    lines = []
+    for st in res["sets"]:
+        for m in res["metrics"]:
+            key = f"{st}:{m}"
+            if not any(key in a for a in res["arms"].values()):
+                continue
+            qs = [q for q, *_ in next(a[key] for a in res["arms"].values() if key in a)["mean"][1:]]
+            lines += [f"### {st}: {m}, change from the base model (paired)", "",
+                      "| arm | " + " | ".join(f"{q} queries" for q in qs) + " | queries to reach the plain arm's "
+                      "final: mean curve [bootstrap 95% CI] (resamples reaching it) | per seed: mean ± CI (seeds "
+                      "reaching it) |", "|" + "---|" * (len(qs) + 3)]  # fmt: skip
+            for arm, a in res["arms"].items():
+                v = a.get(key)
+                if v is None:
+                    continue
+                cells = [f"{y:+.3f} ± {c:.3f}" for _, y, c in v["mean"][1:]]
+                r = v.get("reach", {})
+                if v.get("reach_target", 1.0) <= 0:
+                    rt = pt = "n/a: the plain arm's final change is not above zero"
+                else:
+                    mc = r.get("mean_curve", {})
+                    rt = "never" if mc.get("queries") is None else f"{mc['queries']:.0f}"
+                    if mc.get("ci95"):
+                        rt += f" [{mc['ci95'][0]:.0f}, {mc['ci95'][1]:.0f}]"
+                    rt += f" ({mc.get('reached', 0):.0%} of resamples)"
+                    rq = r.get("queries")
+                    pt = (f"{rq[0]:.0f} ± {rq[1]:.0f}" if rq else "never") + f" ({r.get('reached', 0)}/{r.get('of', 0)})"
+                lines.append(f"| {arm} | " + " | ".join(cells) + f" | {rt} | {pt} |")
+            lines.append("")
+    lines.append("(± is the 95% CI over seeds, Student t; the bootstrap resamples seeds of both arms.)")
+    return "\n".join(lines) + "\n"
+
+
+def plot_paired(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [f"{st}:{m}" for m in res["metrics"][:2] for st in res["sets"][:2]]
+    keys = [k for k in keys if any(k in a for a in res["arms"].values())]
+    if not keys:
+        return
+    cols = min(2, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), dpi=100, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for i, (arm, a) in enumerate(res["arms"].items()):
+            if key in a:
+                q, y, c = zip(*a[key]["mean"])
+                ax.errorbar([x + 4 * (i - 1.5) for x in q], y, yerr=c, marker="o", capsize=3, label=arm)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(f"{key.replace(':', ': ')} (paired change from the base model)", fontsize=9)
+        ax.set_xlabel("reward queries (training images scored)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("paired evaluation of every checkpoint: mean over seeds, 95% CI (arms offset slightly)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -179,6 +342,12 @@ def main() -> None:
     ap.add_argument("--metrics", default="eval_shapes_full,eval_shapes_pairs_heldout_shapes_full,eval_reward,"
                     "eval_shapes_pairs_heldout_reward,eval_shapes_colours,eval_shapes_shapes,eval_shapes_relation",
                     help="evaluation metrics to tabulate; the first four are plotted")
+    ap.add_argument("--paired", action="store_true", help="also judge every checkpoint on a paired evaluation")
+    ap.add_argument("--paired-images", type=int, default=4, help="paired evaluation: images per prompt")
+    ap.add_argument("--paired-prompts", type=int, default=60, help="paired evaluation: prompts per set")
+    ap.add_argument("--paired-sets", default="", help="paired evaluation: prompt sets (default: prompts.eval)")
+    ap.add_argument("--paired-metrics", default="reward,shapes_full,shapes_colours,shapes_shapes,shapes_relation,"
+                    "shapes_extra", help="reward components to tabulate; the first two are plotted")
     ap.add_argument("--analyse-only", action="store_true")
     args = ap.parse_args()
 
@@ -201,6 +370,18 @@ def main() -> None:
     (args.out / "study.md").write_text(md)
     plot(res, args.out / "study.png")
     print(md)
+    if args.paired:
+        names = [f"{arm}-s{s}" for s in seeds for arm in arms]
+        if not args.analyse_only:
+            run_paired(args.out, names, args.paired_images, args.paired_prompts, args.paired_sets, args.parallel,
+                       args.threads)  # fmt: skip
+        pres = analyse_paired(args.out, arms, seeds, args.paired_metrics.split(","))
+        (args.out / "paired.json").write_text(json.dumps(pres, indent=1))
+        pmd = (f"paired evaluation: {args.paired_prompts} prompts x {args.paired_images} images per set, every "
+               f"checkpoint against the base model\n\n" + markdown_paired(pres))  # fmt: skip
+        (args.out / "paired.md").write_text(pmd)
+        plot_paired(pres, args.out / "paired.png")
+        print(pmd)
 
 
 if __name__ == "__main__":

@@ -238,13 +238,18 @@ class RunDir:
             raise
         return final
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoints(self) -> list[Path]:
+        """Every complete checkpoint (checkpoints/step_N; half-written ones are temporary folders), by N."""
         if not self.ckpt_dir.is_dir():
-            return None
+            return []
         steps = [
             (int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
         ]
-        return max(steps)[1] if steps else None
+        return [p for _, p in sorted(steps)]
+
+    def latest_checkpoint(self) -> Path | None:
+        steps = self.checkpoints()
+        return steps[-1] if steps else None
 
     def load_checkpoint(self, path: Path) -> tuple[dict, dict, dict]:
         """(lora state, learner state, counters) of a complete checkpoint."""

@@ -9,6 +9,7 @@ from tests.test_system import _cfg, _run_dir
 
 def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, "cluster.backend=local", "train.epochs=3", "eval.every=1", "eval.max_prompts=2",
+               "train.checkpoint_every=1",
                "exploration.prompt_weighting.num_phrases=2", "prompts.eval=[tiny_animals, animals]")  # fmt: skip
     system = LocalSystem(cfg)
     rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
@@ -33,6 +34,23 @@ def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg
     lora, _state, counters = run.load_checkpoint(run.latest_checkpoint())
     assert counters == {"epoch": 3, "reward_queries": 24, "policy_version": 3}
     assert system.learner.checksum() == lora_checksum(lora)
+
+    # bench/paired_eval.py judges every checkpoint afresh from its files and reproduces the in-run paired
+    # changes (the same prompts and noise); the base model's scores come back from its on-disk cache
+    from bench.paired_eval import paired_eval
+
+    kw = {"images": 2, "max_prompts": 2, "sets": ["tiny_animals"], "all_checkpoints": True,
+          "base_cache": tmp_path / "base_cache", "log": lambda *_: None}  # fmt: skip
+    judged = paired_eval([tmp_path], **kw)
+    assert [e["reward_queries"] for e in judged] == [8, 16, 24]
+    assert len(list((tmp_path / "base_cache").glob("base-*.safetensors"))) == 1
+    for e, r in zip(judged, epochs[1:] + [final]):
+        got = e["sets"]["tiny_animals"]["reward"]
+        assert abs(got["diff"] - r["eval_tiny_animals_reward_change_mean"]) < 1e-4, (got, r)
+        assert abs(got["base"] - epochs[0]["eval_tiny_animals_reward_mean"]) < 1e-4
+    again = paired_eval([tmp_path], **{**kw, "all_checkpoints": False})  # the last only, base from the cache
+    assert [e["checkpoint"] for e in again] == [judged[-1]["checkpoint"]]
+    assert again[0]["sets"]["tiny_animals"]["reward"]["diff"] == judged[-1]["sets"]["tiny_animals"]["reward"]["diff"]
 
 
 def test_the_local_path_never_imports_ray():

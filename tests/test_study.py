@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.runs import seed_mean_ci
-from bench.study import analyse, reach
+from bench.study import analyse, analyse_paired, markdown_paired, reach, reach_bootstrap
 
 
 def _write(path, points):
@@ -43,3 +43,38 @@ def test_analyse_shares_the_base_evaluation_and_compares_to_the_plain_arm(tmp_pa
     assert dx["reach_target"] == pytest.approx(0.5)
     # diffexp reaches 0.5 at 100 queries (seed 0) and at 2/3 of the way from 0 to 100 (seed 1: 0.4 -> 0.55)
     assert dx["reach"]["reached"] == 2 and dx["reach"]["queries"][0] == pytest.approx((100 + 200 / 3) / 2)
+
+
+def _write_paired(path, diffs):
+    """paired.json of bench/paired_eval.py --all-checkpoints: one entry per checkpoint, 128 queries apart."""
+    path.mkdir(parents=True)
+    entries = [{"run": str(path), "checkpoint": f"step_{2 * (i + 1)}", "reward_queries": 128 * (i + 1),
+                "sets": {"train": {"reward": {"diff": d, "ci95": 0.02}}}} for i, d in enumerate(diffs)]  # fmt: skip
+    (path / "paired.json").write_text(json.dumps(entries))
+
+
+def test_paired_curves_start_at_zero_and_reach_the_plain_arms_final_change(tmp_path):
+    _write_paired(tmp_path / "plain-s0", [0.02, 0.04])
+    _write_paired(tmp_path / "plain-s1", [0.04, 0.06])  # plain's final mean change: 0.05
+    _write_paired(tmp_path / "diffexp-s0", [0.05, 0.08])
+    _write_paired(tmp_path / "diffexp-s1", [0.03, 0.06])
+    res = analyse_paired(tmp_path, ["plain", "diffexp"], [0, 1], ["reward"])
+    dx = res["arms"]["diffexp"]["train:reward"]
+    assert [q for q, *_ in dx["mean"]] == [0, 128, 256] and dx["mean"][0][1:] == (0.0, 0.0)
+    assert dx["mean"][2][1] == pytest.approx(0.07) and dx["mean"][2][2] == pytest.approx(12.706 * 0.01)
+    assert dx["reach_target"] == pytest.approx(0.05)
+    # per seed: s0 reaches 0.05 exactly at 128; s1 between 128 (0.03) and 256 (0.06), at 2/3 of the way
+    assert dx["reach"]["reached"] == 2 and dx["reach"]["queries"][0] == pytest.approx((128 + 128 + 256 / 3) / 2)
+    # the seed-mean curve (0.04 at 128, 0.07 at 256) reaches 0.05 a third of the way: 128 + 128 / 3
+    mc = dx["reach"]["mean_curve"]
+    assert mc["queries"] == pytest.approx(128 + 128 / 3) and mc["reached"] == 1.0
+    assert 0 < mc["ci95"][0] < mc["queries"] < mc["ci95"][1] <= 256  # resampled targets move too
+    assert res["arms"]["plain"]["train:reward"]["reach"]["mean_curve"]["queries"] == pytest.approx(256)
+    assert "| diffexp | +0.040 ± 0.127 | +0.070 ± 0.127 | 171 [" in markdown_paired(res)
+
+
+def test_reach_bootstrap_counts_resamples_that_never_get_there():
+    plain = [[(0, 0.0), (100, 0.1)], [(0, 0.0), (100, 0.3)]]
+    arm = [[(0, 0.0), (100, 0.05)], [(0, 0.0), (100, 0.25)]]  # mean 0.15 < plain's 0.2: never on the point estimate
+    r = reach_bootstrap(plain, arm, n=400)
+    assert r["queries"] is None and 0.0 < r["reached"] < 1.0
