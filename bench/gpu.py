@@ -241,10 +241,9 @@ def main(argv=None) -> dict:
     out = {"device": device_name, "torch": torch.__version__, "results": []}
     for fam in args.family.split(","):
         out["results"].append(bench_family(fam.strip(), args, log))
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+        if args.out:  # after each family, so that a run cut short by a time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
     return out
 
 
