@@ -78,3 +78,26 @@ def test_reach_bootstrap_counts_resamples_that_never_get_there():
     arm = [[(0, 0.0), (100, 0.05)], [(0, 0.0), (100, 0.25)]]  # mean 0.15 < plain's 0.2: never on the point estimate
     r = reach_bootstrap(plain, arm, n=400)
     assert r["queries"] is None and 0.0 < r["reached"] < 1.0
+
+
+def test_run_pool_runs_jobs_in_parallel_and_names_the_failures(tmp_path):
+    import os
+    import sys
+    import time
+
+    from bench.runs import run_pool
+
+    # two jobs that each wait for the other's file: they finish only if both run at once
+    a, b = tmp_path / "a", tmp_path / "b"
+    wait = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); t = time.time()\n" \
+           "while not pathlib.Path(sys.argv[2]).exists() and time.time() - t < 20: time.sleep(0.05)\n" \
+           "sys.exit(0 if pathlib.Path(sys.argv[2]).exists() else 3)"  # fmt: skip
+    jobs = [("a", [sys.executable, "-c", wait, str(a), str(b)], tmp_path / "a.log"),
+            ("b", [sys.executable, "-c", wait, str(b), str(a)], tmp_path / "b.log"),
+            ("bad", [sys.executable, "-c", "print('broken'); raise SystemExit(5)"], tmp_path / "logs" / "bad.log")]  # fmt: skip
+    lines = []
+    t0 = time.time()
+    failed = run_pool(jobs, 2, dict(os.environ), log=lines.append)
+    assert failed == ["bad"] and time.time() - t0 < 20
+    assert (tmp_path / "logs" / "bad.log").read_text().strip() == "broken"
+    assert any(line.startswith("FAILED (exit 5") and "bad.log" in line for line in lines)
