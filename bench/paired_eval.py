@@ -43,6 +43,7 @@ def paired_eval(runs: list[Path], images: int = 4, max_prompts: int = 60, sets: 
     from common.config import load_config
     from common.prompts import load_prompts
     from common.rollouts import RolloutGenerator, sample_seeds
+    from learner.local import local_device
     from learner.run_dir import RunDir
     from rewards.combined import WeightedReward, score_in_batches
 
@@ -66,7 +67,7 @@ def paired_eval(runs: list[Path], images: int = 4, max_prompts: int = 60, sets: 
         if not all_checkpoints:
             ckpts = ckpts[-1:]
         reward = WeightedReward(cfg.eval.reward or cfg.reward)
-        gen = RolloutGenerator(cfg)
+        gen = RolloutGenerator(cfg, device=local_device(cfg))  # CUDA when there is one, as the run's training
         for ckpt in ckpts:
             lora, learner_state, counters = run.load_checkpoint(ckpt)
             entry = {"run": str(run_path), "checkpoint": str(ckpt), "reward_queries": counters["reward_queries"],
