@@ -20,6 +20,10 @@ against reward queries, and the queries each arm needs to reach the plain arm's 
 these curves. The in-run evaluation is small (it costs training time); the paired curves are what to read
 "queries to reach" from. Train with `--set train.checkpoint_every=K` for curve points every K epochs.
 
+Studies grow by seeds across sessions and machines: the paired.json written to --out keeps every seed's
+curves, and `--pool A/paired.json --pool B/paired.json --out C` analyses the seeds of both as one study
+(refused if their protocols, query points or seeds clash). docs/data/ keeps the reported studies' files.
+
 The protocol (arms, budget, seeds, evaluation) is fixed by these arguments; report whatever it gives.
 """
 
@@ -228,9 +232,9 @@ def reach_bootstrap(target_runs: list[list[tuple]], arm_runs: list[list[tuple]],
     return {"queries": point, "ci95": ci, "reached": len(got) / n}
 
 
-def analyse_paired(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
-    """Curves of the paired change from the base model (0 at 0 queries) per arm, set and metric: per seed, and
-    mean over seeds with Student-t CIs; each arm's queries to reach the plain arm's final mean change."""
+def collect_paired(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
+    """Per-seed curves of the paired change from the base model (0 at 0 queries), per arm, set and metric,
+    read from each run's paired.json (bench/paired_eval.py --all-checkpoints)."""
     res: dict = {"arms": {}, "metrics": metrics, "sets": []}
     for arm in arms:
         a: dict = {}
@@ -247,16 +251,25 @@ def analyse_paired(out: Path, arms: list[str], seeds: list[int], metrics: list[s
                         continue
                     curve = [(0, 0.0, 0.0)] + [(e["reward_queries"], e["sets"][st][m]["diff"], e["sets"][st][m]["ci95"])
                                                for e in entries]  # fmt: skip
-                    a.setdefault(f"{st}:{m}", {"per_seed": []})["per_seed"].append(curve)
-        for key, v in a.items():
+                    v = a.setdefault(f"{st}:{m}", {"per_seed": [], "seeds": []})
+                    v["per_seed"].append(curve)
+                    v["seeds"].append(s)
+        res["arms"][arm] = a
+    return res
+
+
+def summarise_paired(res: dict) -> dict:
+    """Mean over seeds with Student-t CIs of every curve in `res` (from collect_paired or pool_paired), and
+    each arm's queries to reach the plain arm's final mean change."""
+    for a in res["arms"].values():
+        for v in a.values():
             n = min(len(c) for c in v["per_seed"])
             v["per_seed"] = [c[:n] for c in v["per_seed"]]
             v["mean"] = [(v["per_seed"][0][j][0], *seed_mean_ci([c[j][1] for c in v["per_seed"]])) for j in range(n)]
-        res["arms"][arm] = a
     for key in res["arms"].get("plain", {}):
         target = res["arms"]["plain"][key]["mean"][-1][1]
-        for arm in arms:
-            v = res["arms"][arm].get(key)
+        for arm, a in res["arms"].items():
+            v = a.get(key)
             if v is None:
                 continue
             hits = [reach(c, target) for c in v["per_seed"]]
@@ -265,6 +278,52 @@ def analyse_paired(out: Path, arms: list[str], seeds: list[int], metrics: list[s
             v["reach"] = {"reached": len(got), "of": len(hits), "queries": seed_mean_ci(got) if got else None,
                           "mean_curve": reach_bootstrap(res["arms"]["plain"][key]["per_seed"], v["per_seed"])}  # fmt: skip
     return res
+
+
+def analyse_paired(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
+    """Curves of the paired change from the base model per arm, set and metric: per seed, and mean over seeds
+    with Student-t CIs; each arm's queries to reach the plain arm's final mean change."""
+    return summarise_paired(collect_paired(out, arms, seeds, metrics))
+
+
+def pool_paired(files: list[Path]) -> dict:
+    """One analysis over the seeds of several studies' paired.json files (for example seeds 0-4 from one
+    session and 5-9 from another). They must share the protocol and the query points, and no arm may have
+    the same seed twice; anything else is refused with the file that differs."""
+    pooled: dict = {"arms": {}, "metrics": [], "sets": [], "pooled_from": [str(f) for f in files]}
+    protocol = None
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"--pool: {f} does not exist (give the paired.json that bench/study.py --paired wrote)")
+        r = json.loads(Path(f).read_text())
+        if "arms" not in r or not all("seeds" in v for a in r["arms"].values() for v in a.values()):
+            raise SystemExit(f"--pool: {f} has no per-seed labels; re-run `bench/study.py --analyse-only --paired` "
+                             "on its study directory to rewrite it")
+        p = {k: v for k, v in r.get("protocol", {}).items() if k != "seeds"}
+        if protocol is None:
+            protocol = p
+        elif p != protocol:
+            diff = sorted(k for k in set(p) | set(protocol) if p.get(k) != protocol.get(k))
+            raise SystemExit(f"--pool: {f} was run under another protocol ({', '.join(diff)} differ from "
+                             f"{files[0]}); pool only studies run with the same config and overrides")
+        pooled["metrics"] += [m for m in r["metrics"] if m not in pooled["metrics"]]
+        pooled["sets"] += [s for s in r["sets"] if s not in pooled["sets"]]
+        for arm, a in r["arms"].items():
+            for key, v in a.items():
+                dst = pooled["arms"].setdefault(arm, {}).setdefault(key, {"per_seed": [], "seeds": []})
+                dup = set(dst["seeds"]) & set(v["seeds"])
+                if dup:
+                    raise SystemExit(f"--pool: {f} repeats seed(s) {sorted(dup)} of arm {arm}; each seed may "
+                                     "come from one file only")
+                qs = [c[0] for c in v["per_seed"][0]]
+                if dst["per_seed"] and [c[0] for c in dst["per_seed"][0]][: len(qs)] != qs[: len(dst["per_seed"][0])]:
+                    raise SystemExit(f"--pool: {f} has checkpoints at {qs} queries for {arm} {key}, the other "
+                                     f"file(s) at {[c[0] for c in dst['per_seed'][0]]}")
+                dst["per_seed"] += v["per_seed"]
+                dst["seeds"] += v["seeds"]
+    pooled["protocol"] = dict(protocol or {}, seeds={a: sorted(next(iter(v.values()))["seeds"])
+                                                     for a, v in pooled["arms"].items()})  # fmt: skip
+    return summarise_paired(pooled)
 
 
 def markdown_paired(res: dict) -> str:
@@ -330,6 +389,16 @@ def plot_paired(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_paired(pres: dict, out: Path, header: str) -> None:
+    """paired.json (everything, per-seed curves included: small enough to keep beside the docs, and what
+    --pool reads), paired.md and paired.png in `out`."""
+    (out / "paired.json").write_text(json.dumps(pres, indent=1))
+    pmd = header + "\n\n" + markdown_paired(pres)
+    (out / "paired.md").write_text(pmd)
+    plot_paired(pres, out / "paired.png")
+    print(pmd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -349,7 +418,16 @@ def main() -> None:
     ap.add_argument("--paired-metrics", default="reward,shapes_full,shapes_colours,shapes_shapes,shapes_relation,"
                     "shapes_extra", help="reward components to tabulate; the first two are plotted")
     ap.add_argument("--analyse-only", action="store_true")
+    ap.add_argument("--pool", action="append", default=[], type=Path, metavar="PAIRED_JSON",
+                    help="pool the seeds of several studies' paired.json (same protocol) into one paired analysis "
+                    "in --out; nothing is run")
     args = ap.parse_args()
+    if args.pool:
+        args.out.mkdir(parents=True, exist_ok=True)
+        pres = pool_paired(args.pool)
+        write_paired(pres, args.out, f"pooled from {', '.join(map(str, args.pool))}; seeds per arm "
+                     f"{pres['protocol']['seeds']}")  # fmt: skip
+        return
 
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -376,12 +454,10 @@ def main() -> None:
             run_paired(args.out, names, args.paired_images, args.paired_prompts, args.paired_sets, args.parallel,
                        args.threads)  # fmt: skip
         pres = analyse_paired(args.out, arms, seeds, args.paired_metrics.split(","))
-        (args.out / "paired.json").write_text(json.dumps(pres, indent=1))
-        pmd = (f"paired evaluation: {args.paired_prompts} prompts x {args.paired_images} images per set, every "
-               f"checkpoint against the base model\n\n" + markdown_paired(pres))  # fmt: skip
-        (args.out / "paired.md").write_text(pmd)
-        plot_paired(pres, args.out / "paired.png")
-        print(pmd)
+        pres["protocol"] = dict(res["protocol"], paired={"images": args.paired_images, "prompts": args.paired_prompts,
+                                                         "sets": args.paired_sets})  # fmt: skip
+        write_paired(pres, args.out, f"paired evaluation: {args.paired_prompts} prompts x {args.paired_images} "
+                     f"images per set, every checkpoint against the base model; seeds {seeds}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.runs import seed_mean_ci
-from bench.study import analyse, analyse_paired, markdown_paired, reach, reach_bootstrap
+from bench.study import analyse, analyse_paired, markdown_paired, pool_paired, reach, reach_bootstrap
 
 
 def _write(path, points):
@@ -71,6 +71,35 @@ def test_paired_curves_start_at_zero_and_reach_the_plain_arms_final_change(tmp_p
     assert 0 < mc["ci95"][0] < mc["queries"] < mc["ci95"][1] <= 256  # resampled targets move too
     assert res["arms"]["plain"]["train:reward"]["reach"]["mean_curve"]["queries"] == pytest.approx(256)
     assert "| diffexp | +0.040 ± 0.127 | +0.070 ± 0.127 | 171 [" in markdown_paired(res)
+
+
+def test_pooling_two_studies_equals_one_study_of_all_their_seeds(tmp_path):
+    diffs = {("plain", 0): [0.02, 0.04], ("plain", 1): [0.04, 0.06], ("plain", 2): [0.0, 0.01],
+             ("diffexp", 0): [0.05, 0.08], ("diffexp", 1): [0.03, 0.06], ("diffexp", 2): [0.02, 0.03]}  # fmt: skip
+    for (arm, s), d in diffs.items():
+        _write_paired(tmp_path / "all" / f"{arm}-s{s}", d)
+        _write_paired(tmp_path / ("a" if s < 2 else "b") / f"{arm}-s{s}", d)
+    arms, protocol = ["plain", "diffexp"], {"config": "shapes", "common": ["x=1"]}
+    files = []
+    for part, seeds in (("a", [0, 1]), ("b", [2])):
+        r = analyse_paired(tmp_path / part, arms, seeds, ["reward"])
+        r["protocol"] = dict(protocol, seeds=seeds)
+        files.append(tmp_path / part / "paired.json")
+        files[-1].write_text(json.dumps(r))
+    pooled, whole = pool_paired(files), analyse_paired(tmp_path / "all", arms, [0, 1, 2], ["reward"])
+    for arm in arms:
+        p, w = pooled["arms"][arm]["train:reward"], whole["arms"][arm]["train:reward"]
+        assert p["seeds"] == [0, 1, 2] and sum(map(list, p["mean"]), []) == pytest.approx(sum(map(list, w["mean"]), []))
+        assert p["reach"]["mean_curve"]["queries"] == pytest.approx(w["reach"]["mean_curve"]["queries"])
+    assert pooled["protocol"]["seeds"] == {"plain": [0, 1, 2], "diffexp": [0, 1, 2]}
+
+    with pytest.raises(SystemExit, match="repeats seed"):
+        pool_paired([files[0], files[0]])
+    other = json.loads(files[1].read_text())
+    other["protocol"]["common"] = ["x=2"]
+    files[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another protocol .common"):
+        pool_paired(files)
 
 
 def test_reach_bootstrap_counts_resamples_that_never_get_there():
