@@ -14,13 +14,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from common.config import LoraConfig, ModelConfig
 from common.models import DiffusionModel, ModelLoadError, model_class
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+# diffusers, transformers and peft are imported where they are used: the Ray driver and the replay queues
+# import this module's names but never build a model, and those imports cost seconds of start-up per process.
 
 ASSET_DIR = Path(__file__).parent / "assets"
 BUILTIN_DIRS = {"shapes-base": ASSET_DIR / "shapes_base"}
@@ -42,6 +47,9 @@ def cache_dir() -> Path:
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A complete StableDiffusionPipeline with random weights from `seed`: 64x64 images, 8x8x4 latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     from common.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
@@ -79,8 +87,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     cross-attention takes both encoders' states concatenated and whose `text_time` addition embedding
     takes the pooled text embedding plus six size/crop ids; 64x64 images, 8x8x4 latents.
     """
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from common.tokenizer import build_clip_tokenizer
 
@@ -200,7 +208,7 @@ def load_pipeline(cfg: ModelConfig):
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: download it first or give a local path)" if offline else ""
         raise ModelLoadError(f"model.pretrained={source!r}: could not be loaded{hint}: {str(err).splitlines()[0]}")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -68,3 +68,26 @@ def test_the_local_path_never_imports_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_start_up_imports_only_what_each_process_uses():
+    """Start-up on few cores is dominated by imports (docs/architecture.md, Speed): the Ray driver creates
+    actors and runs the loop but builds no model, so it must not import diffusers, transformers or peft
+    (about 3.5 s here), and the replay queues' actor module must not import torch (each queue is its own
+    process). The sampler and learner import them when they build the model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import actors.queue_state\n"
+        "assert 'torch' not in sys.modules, 'the queue actor module imported torch'\n"
+        "import learner.main, learner.driver, learner.loop, learner.run_dir\n"
+        "from learner.main import preflight\n"
+        "from common.config import load_config\n"
+        "preflight(load_config('shapes_quick', []))\n"
+        "heavy = [m for m in ('diffusers', 'transformers', 'peft', 'open_clip') if m in sys.modules]\n"
+        "assert not heavy, f'the driver imported {heavy}'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
