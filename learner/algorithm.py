@@ -143,13 +143,19 @@ class LoRALearner:
         }
 
     def checkpoint_state(self) -> dict:
-        """Everything a checkpoint needs: LoRA (peft keys and adapter metadata, and our own keys),
-        the learner's state (optimizer, RNG, version and the algorithm's own)."""
+        """Everything a checkpoint needs: the LoRA as the model's own diffusers files (name -> bytes, written
+        here, where diffusers is loaded: the process that writes the checkpoint needs no diffusers), the LoRA
+        in our own keys, and the learner's state (optimizer, RNG, version and the algorithm's own)."""
+        import tempfile
+        from pathlib import Path
+
+        from common.models.base import save_lora_files
+
         peft_state, meta = unet_lora_export(self.model.unet)
-        return {
-            "peft_state": peft_state, "lora_meta": meta, "pipeline_class": type(self.model.pipe).__name__,
-            "lora": self.weights()[1], "learner": self.state_dict(),
-        }  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="lora-export-") as tmp:
+            save_lora_files(type(self.model.pipe), tmp, peft_state, meta)
+            files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        return {"lora_files": files, "lora": self.weights()[1], "learner": self.state_dict()}
 
     def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
         load_lora_state(self.model.unet, lora)

@@ -217,16 +217,16 @@ class RunDir:
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, epochs_done: int, state: dict, counters: dict) -> Path:
-        """Write checkpoints/step_N atomically: everything goes to a temporary folder that is renamed last."""
-        import diffusers
-
-        from common.models.base import save_lora_files
-
-        pipeline_class = getattr(diffusers, state.get("pipeline_class", "StableDiffusionPipeline"))
+        """Write checkpoints/step_N atomically: everything goes to a temporary folder that is renamed last.
+        `state["lora_files"]` are the LoRA's diffusers files as bytes (the learner writes them, so the driver
+        never imports diffusers)."""
         final = self.ckpt_dir / f"step_{epochs_done}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{epochs_done}-", dir=self.ckpt_dir))
         try:
-            save_lora_files(pipeline_class, tmp, state["peft_state"], state["lora_meta"])
+            for name, data in state["lora_files"].items():
+                if Path(name).name != name:
+                    raise ValueError(f"checkpoint file name {name!r} is not a plain file name")
+                (tmp / name).write_bytes(data)
             save_file(state["lora"], str(tmp / "lora_state.safetensors"))
             torch.save(state["learner"], tmp / "learner_state.pt")
             (tmp / "counters.json").write_text(json.dumps(counters, indent=1))

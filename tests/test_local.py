@@ -72,8 +72,8 @@ def test_the_local_path_never_imports_ray():
 
 def test_start_up_imports_only_what_each_process_uses():
     """Start-up on few cores is dominated by imports (docs/architecture.md, Speed): the Ray driver creates
-    actors and runs the loop but builds no model, so it must not import diffusers, transformers or peft
-    (about 3.5 s here), and the replay queues' actor module must not import torch (each queue is its own
+    actors, runs the loop and writes checkpoints but builds no model, so it must not import diffusers,
+    transformers or peft (about 3.5 s here), and the replay queues' actor module must not import torch (each queue is its own
     process). The sampler and learner import them when they build the model."""
     import subprocess
     import sys
@@ -86,6 +86,12 @@ def test_start_up_imports_only_what_each_process_uses():
         "from learner.main import preflight\n"
         "from common.config import load_config\n"
         "preflight(load_config('shapes_quick', []))\n"
+        "import tempfile, torch\n"
+        "from learner.run_dir import RunDir\n"
+        "run = RunDir(tempfile.mkdtemp())\n"
+        "run.create(load_config('tiny', []), resume=False)\n"
+        "state = {'lora_files': {'pytorch_lora_weights.safetensors': b'x'}, 'lora': {'w': torch.zeros(1)}, 'learner': {}}\n"
+        "run.save_checkpoint(1, state, {'epoch': 1})\n"
         "heavy = [m for m in ('diffusers', 'transformers', 'peft', 'open_clip') if m in sys.modules]\n"
         "assert not heavy, f'the driver imported {heavy}'\n"
     )
