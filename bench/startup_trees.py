@@ -12,7 +12,6 @@ one session, with the machine's slow drifts hitting both alike:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -22,16 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import COMMON, REFERENCE
+from bench.startup import ours
 
 
 def one_run(root: Path, model: str, epochs: int, backend: str, out: Path) -> dict[str, float]:
     """Seconds from launch to the first log line ('run ...'), to epoch 1's summary line, and to exit."""
-    cmd = [sys.executable, "-u", "-m", "learner.main", "--config", "tiny", "--output", str(out)]
-    for s in [*REFERENCE, *COMMON, f"model.pretrained={model}", f"train.epochs={epochs}", f"cluster.backend={backend}"]:
-        cmd += ["--set", s]
+    cmd, env = ours(backend, model, epochs, out)  # the command bench/startup.py times
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.update(PYTHONPATH=str(root), PYTHONUNBUFFERED="1")  # unbuffered: each line is timed as it is printed
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

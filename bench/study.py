@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.runs import RunSpec, eval_curve, launch_all, read_rows, seed_mean_ci
-from bench.study_paired import analyse_paired, pool_paired, reach, run_paired, write_paired
+from bench.study_paired import analyse_paired, plot_curves, pool_paired, reach, run_paired, write_paired
 
 ARMS: dict[str, list[str]] = {
     "plain": ["exploration.enabled=false"],
@@ -144,28 +144,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ms = res["metrics"][:4]
-    cols = min(2, len(ms))
-    rows = (len(ms) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), dpi=100, squeeze=False)
-    for ax, m in zip(axes.flat, ms):
-        for arm, a in res["arms"].items():
-            if m in a:
-                q, y, c = zip(*a[m]["mean"])
-                ax.errorbar(q, y, yerr=c, marker="o", capsize=3, label=arm)
-        ax.set_title(m, fontsize=9)
-        ax.set_xlabel("reward queries (training images scored)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("evaluation: mean over seeds, 95% CI", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_curves(res, res["metrics"][:4], path, str, "evaluation: mean over seeds, 95% CI")
 
 
 def main() -> None:

@@ -206,16 +206,14 @@ def markdown_paired(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_paired(res: dict, path: Path) -> None:
+def plot_curves(res: dict, keys: list[str], path: Path, title, suptitle: str, paired: bool = False) -> None:
+    """One panel per key of `res["arms"][arm]`: each arm's seed-mean curve against reward queries with its 95%
+    CI. `paired` curves are changes from the base model: a zero line, and the arms offset slightly."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [f"{st}:{m}" for m in res["metrics"][:2] for st in res["sets"][:2]]
-    keys = [k for k in keys if any(k in a for a in res["arms"].values())]
-    if not keys:
-        return
     cols = min(2, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), dpi=100, squeeze=False)
@@ -223,16 +221,27 @@ def plot_paired(res: dict, path: Path) -> None:
         for i, (arm, a) in enumerate(res["arms"].items()):
             if key in a:
                 q, y, c = zip(*a[key]["mean"])
-                ax.errorbar([x + 4 * (i - 1.5) for x in q], y, yerr=c, marker="o", capsize=3, label=arm)
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_title(f"{key.replace(':', ': ')} (paired change from the base model)", fontsize=9)
+                dx = 4 * (i - 1.5) if paired else 0.0
+                ax.errorbar([x + dx for x in q], y, yerr=c, marker="o", capsize=3, label=arm)
+        if paired:
+            ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(title(key), fontsize=9)
         ax.set_xlabel("reward queries (training images scored)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("paired evaluation of every checkpoint: mean over seeds, 95% CI (arms offset slightly)", fontsize=9)
+    fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_paired(res: dict, path: Path) -> None:
+    keys = [f"{st}:{m}" for m in res["metrics"][:2] for st in res["sets"][:2]]
+    keys = [k for k in keys if any(k in a for a in res["arms"].values())]
+    if keys:
+        plot_curves(res, keys, path, lambda k: f"{k.replace(':', ': ')} (paired change from the base model)",
+                    "paired evaluation of every checkpoint: mean over seeds, 95% CI (arms offset slightly)",
+                    paired=True)  # fmt: skip
 
 
 def write_paired(pres: dict, out: Path, header: str) -> None:

@@ -53,11 +53,17 @@ def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg
     assert again[0]["sets"]["tiny_animals"]["reward"]["diff"] == judged[-1]["sets"]["tiny_animals"]["reward"]["diff"]
 
 
-def test_the_local_path_never_imports_ray():
-    """GPU boxes without Ray run bench/study.py and `--set cluster.backend=local` through these modules."""
+def _run_fresh(code: str) -> None:
+    """Run `code` in a fresh interpreter (what a module imports shows only there) and fail with its stderr."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_local_path_never_imports_ray():
+    """GPU boxes without Ray run bench/study.py and `--set cluster.backend=local` through these modules."""
     code = (
         "import sys\n"
         "from common.config import load_config\n"
@@ -66,8 +72,7 @@ def test_the_local_path_never_imports_ray():
         "make_system(load_config('tiny', ['cluster.backend=local', 'sampling.num_steps=2']))\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    _run_fresh(code)
 
 
 def test_start_up_imports_only_what_each_process_uses():
@@ -75,9 +80,6 @@ def test_start_up_imports_only_what_each_process_uses():
     actors, runs the loop and writes checkpoints but builds no model, so it must not import diffusers,
     transformers or peft (about 3.5 s here), and the replay queues' actor module must not import torch (each queue is its own
     process). The sampler and learner import them when they build the model."""
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "import actors.queue_state\n"
@@ -95,5 +97,4 @@ def test_start_up_imports_only_what_each_process_uses():
         "heavy = [m for m in ('diffusers', 'transformers', 'peft', 'open_clip') if m in sys.modules]\n"
         "assert not heavy, f'the driver imported {heavy}'\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    _run_fresh(code)
