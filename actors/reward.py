@@ -13,27 +13,16 @@ from common.trajectory import TrajectoryBatch
 from rewards.combined import WeightedReward, score_in_batches
 
 
-class RewardActor:
-    """Thin Ray wrapper over WeightedReward (create with `ray.remote(RewardActor).options(...)`)."""
+class RewardScorer:
+    """The training and evaluation rewards of one process: a reward actor's, or a sampler's that scores its own
+    batches (cluster.num_reward_actors 0)."""
 
-    def __init__(self, cfg: RunConfig, index: int):
-        device = setup_actor(cfg.cluster.reward)
-        self.index = index
+    def __init__(self, cfg: RunConfig, device: str):
         self.cfg = cfg
         self.reward = WeightedReward(cfg.reward, device=device)  # learned rewards load their models once, here
         self.eval_reward = WeightedReward(cfg.eval.reward, device=device) if cfg.eval.reward else self.reward
 
-    def ready(self) -> int:
-        return self.index
-
-    def peak_rss_mb(self) -> float:
-        return peak_rss_mb()
-
-    def pid(self) -> int:
-        """The actor's process id (fault-injection tests kill it)."""
-        return os.getpid()
-
-    def _score(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
+    def score_rollouts(self, batches: list[TrajectoryBatch]) -> list[TrajectoryBatch]:
         """Set each batch's rewards and per-term scores (reward_terms), scoring them together."""
         big = TrajectoryBatch.concat(batches) if len(batches) > 1 else batches[0]
         total, parts = score_in_batches(self.reward, big.images_float(), big.prompts, self.cfg.reward.batch_size,
@@ -44,6 +33,32 @@ class RewardActor:
             b.reward_terms = {k: v[start : start + len(b)].clone() for k, v in parts.items()}
             start += len(b)
         return batches
+
+    def score_batch(self, batch: TrajectoryBatch, details: bool = False, evaluation: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(rewards [B], per-term scores [B] by name, plus components with `details`) of training or
+        evaluation images, in calls of at most reward.batch_size images."""
+        reward = self.eval_reward if evaluation else self.reward
+        return score_in_batches(reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, details)
+
+
+class RewardActor:
+    """Thin Ray wrapper over WeightedReward (create with `ray.remote(RewardActor).options(...)`)."""
+
+    def __init__(self, cfg: RunConfig, index: int):
+        device = setup_actor(cfg.cluster.reward)
+        self.index = index
+        self.cfg = cfg
+        self.scorer = RewardScorer(cfg, device)
+
+    def ready(self) -> int:
+        return self.index
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
 
     def score_epoch(self, rollout_queue, scored_queue, epoch: int, num_items: int, timeout: float = 600.0,
                     claim_after_s: float = 120.0) -> dict:  # fmt: skip
@@ -69,7 +84,7 @@ class RewardActor:
                         raise TimeoutError(f"reward actor {self.index}: no rollouts of epoch {epoch} arrived within {timeout:.0f} s")
                     continue
             t0 = time.perf_counter()
-            for b in self._score([b for _, b in got]):
+            for b in self.scorer.score_rollouts([b for _, b in got]):
                 scored_queue.put(b)
                 scored += len(b)
             rollout_queue.ack([e for e, _ in got])
@@ -78,7 +93,4 @@ class RewardActor:
         return {"samples_scored": scored, "time_reward": t_busy}
 
     def score_batch(self, batch: TrajectoryBatch, details: bool = False, evaluation: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(rewards [B], per-term scores [B] by name, plus components with `details`) of training or
-        evaluation images, in calls of at most reward.batch_size images."""
-        reward = self.eval_reward if evaluation else self.reward
-        return score_in_batches(reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, details)
+        return self.scorer.score_batch(batch, details, evaluation)

@@ -1,4 +1,5 @@
-"""SamplerActor: generates rollouts under DiffExp exploration and pushes them to the rollout queue."""
+"""SamplerActor: generates rollouts under DiffExp exploration and pushes them to the rollout queue (or, with
+cluster.num_reward_actors 0, scores them itself and pushes them to the scored queue)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ class SamplerActor:
 
     def __init__(self, cfg: RunConfig, index: int):
         self.index = index
-        self.gen = RolloutGenerator(cfg, device=setup_actor(cfg.cluster.sampler))
+        device = setup_actor(cfg.cluster.sampler)
+        self.gen = RolloutGenerator(cfg, device=device)
+        self.scorer = None
+        if cfg.cluster.num_reward_actors == 0:  # no reward actors: this sampler scores what it draws
+            from actors.reward import RewardScorer
+
+            self.scorer = RewardScorer(cfg, device)
 
     def ready(self) -> int:
         return self.index
@@ -44,21 +51,33 @@ class SamplerActor:
     def sample(self, queue, prompts: list[str], seeds: list[int], epoch: int, weights: tuple[int, list] | None) -> dict:
         """Sample epoch `epoch`'s training rollouts in sampler batches, putting each batch to `queue` as soon
         as it is done. `weights` = (version, [ObjectRef of the LoRA state]) the rollouts must come from: a
-        sampler restarted by Ray after a crash holds its initial weights and loads these first."""
+        sampler restarted by Ray after a crash holds its initial weights and loads these first. A sampler
+        that scores (no reward actors) puts scored batches, and `queue` is the scored queue."""
         import ray
 
         if weights is not None and self.gen.version != weights[0]:
             self.gen.set_weights(weights[0], ray.get(weights[1][0]))
         t0 = time.perf_counter()
         bs = self.gen.cfg.sampling.batch_size
-        items = 0
+        items, t_reward = 0, 0.0
         for i in range(0, len(prompts), bs):
             batch = self.gen.generate(prompts[i : i + bs], seeds[i : i + bs], explore=True)
             batch.epoch, batch.batch_id = epoch, rollout_batch_id(epoch, seeds[i])
+            if self.scorer is not None:
+                t1 = time.perf_counter()
+                self.scorer.score_rollouts([batch])
+                t_reward += time.perf_counter() - t1
             queue.put(batch)
             items += 1
-        return {"items": items, "samples": len(prompts), "time_sample": time.perf_counter() - t0}
+        return {"items": items, "samples": len(prompts), "time_sample": time.perf_counter() - t0 - t_reward,
+                "time_reward": t_reward}  # fmt: skip
 
     def sample_eval(self, prompts: list[str], seeds: list[int]):
         """Evaluation images: plain prompts, constant scale, fixed seeds. Returns the TrajectoryBatch."""
         return self.gen.generate(prompts, seeds, explore=False)
+
+    def score_batch(self, batch, details: bool = False, evaluation: bool = False):
+        """RewardActor.score_batch, for a sampler that scores (cluster.num_reward_actors 0)."""
+        if self.scorer is None:
+            raise RuntimeError("this sampler does not score: cluster.num_reward_actors > 0 gives reward actors")
+        return self.scorer.score_batch(batch, details, evaluation)

@@ -80,8 +80,10 @@ class RaySystem:
         c = cfg.cluster
         w = c.omp_wait_policy
         run_id = run_id or uuid.uuid4().hex[:12]
-        self.rollout_q = make_queue(cfg.replay, "rollouts", run_id)
+        # with no reward actors the samplers score their own batches and put them straight to the scored queue
+        self.rollout_q = make_queue(cfg.replay, "rollouts", run_id) if c.num_reward_actors else None
         self.scored_q = make_queue(cfg.replay, "scored", run_id)
+        self._sample_q = self.rollout_q if self.rollout_q is not None else self.scored_q
         # samplers and reward actors are restarted by Ray when they die, and their running task is retried:
         # work is deterministic and queue puts are idempotent, so a retried task repeats nothing that counts
         restart = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
@@ -128,7 +130,8 @@ class RaySystem:
         for a in self.samplers + self.rewarders + self.learners:
             ray.kill(a)
         for q in (self.rollout_q, self.scored_q):
-            q.close()
+            if q is not None:
+                q.close()
 
     @_learner_loss
     def sync_weights(self) -> tuple[int, str]:
@@ -151,7 +154,7 @@ class RaySystem:
             self.metrics.evaluation(row)
         else:
             self.metrics.epoch(
-                row, {"rollouts": len(self.rollout_q), "scored": len(self.scored_q)}, self.sync_ms
+                row, {"rollouts": len(self._sample_q) if self.rewarders else 0, "scored": len(self.scored_q)}, self.sync_ms
             )
 
     def launch_sampling(self, inputs: EpochInputs) -> tuple[list, list, int, int]:
@@ -162,7 +165,7 @@ class RaySystem:
         futs, start, items = [], 0, 0
         for s, n in zip(self.samplers, _split(len(prompts), len(self.samplers))):
             if n:
-                futs.append(s.sample.remote(self.rollout_q, prompts[start : start + n], seeds[start : start + n],
+                futs.append(s.sample.remote(self._sample_q, prompts[start : start + n], seeds[start : start + n],
                                             epoch, self._weights))  # fmt: skip
                 items += math.ceil(n / bs)
             start += n
@@ -173,7 +176,7 @@ class RaySystem:
         """Counts from the queues (batches of sampling.batch_size samples; exact but for a partial last batch)
         and the learner."""
         bs = self.cfg.sampling.batch_size
-        sampled = self.rollout_q.puts(epoch) * bs
+        sampled = self._sample_q.puts(epoch) * bs
         scored = self.scored_q.puts(epoch) * bs
         progress.update(
             sampled=min(sampled, n), scored=min(scored, n), trained=ray.get(self.learner.progress.remote())
@@ -230,23 +233,19 @@ class RaySystem:
             self.sync_weights()  # queued behind the running sample calls; applies to the epoch after next
         m.update(  # samples (reward queries): counted by the learner, from distinct scored batches
             time_sample=max(s["time_sample"] for s in sample_stats),
-            time_reward=sum(r["time_reward"] for r in reward_stats),
+            time_reward=sum(r["time_reward"] for r in reward_stats + sample_stats if "time_reward" in r),
         )
         return m
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult:
         """Evaluation images (plain prompts, constant scale) from the samplers, scored by the reward actors."""
-        futs, start = [], 0
+        futs, scorers, start = [], [], 0
         for s, n in zip(self.samplers, _split(len(prompts), len(self.samplers))):
             if n:
                 futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n]))
+                scorers.append(self.rewarders[(len(futs) - 1) % len(self.rewarders)] if self.rewarders else s)
             start += n
-        scores = ray.get(
-            [
-                self.rewarders[i % len(self.rewarders)].score_batch.remote(f, True, True)
-                for i, f in enumerate(futs)
-            ]
-        )
+        scores = ray.get([r.score_batch.remote(f, True, True) for r, f in zip(scorers, futs)])
         batches = ray.get(futs)
         versions = {b.policy_version for b in batches}
         if len(versions) != 1:

@@ -95,6 +95,28 @@ def test_overlapped_sampling_trains_on_one_version_old_rollouts(ray_session, tin
     assert rows[1]["logprob_mismatch"] > 1e-6  # the data is one update old: ratios are real importance weights
 
 
+def test_samplers_that_score_their_own_batches_train_as_reward_actors_do(ray_session, tiny_cfg, tmp_path):
+    """cluster.num_reward_actors 0: no reward actor and no rollout queue; each sampler scores what it draws and
+    the run trains and evaluates on the same rewards as the one-process loop."""
+    cfg = _cfg(tiny_cfg, "cluster.num_reward_actors=0", "cluster.num_samplers=1", "train.epochs=2", "eval.every=1",
+               "eval.max_prompts=2")  # fmt: skip
+    system = RaySystem(cfg)
+    try:
+        assert system.rewarders == [] and system.rollout_q is None
+        rows = Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
+    finally:
+        system.shutdown()
+    epochs = [r for r in rows if not r.get("final_eval")]
+    assert [r["reward_queries"] for r in epochs] == [8, 16]
+    assert all(r["logprob_mismatch"] < 1e-4 and r["time_reward"] > 0 for r in epochs)
+    from learner.local import LocalSystem
+
+    local_cfg = _cfg(cfg, "cluster.backend=local")
+    local = Trainer(local_cfg, _run_dir(tmp_path / "local", local_cfg), LocalSystem(local_cfg), log=lambda *_: None).fit()
+    for key in ("reward_mean", "eval_reward_mean", "approx_kl"):
+        assert [r[key] for r in rows if key in r] == pytest.approx([r[key] for r in local if key in r], rel=1e-3, abs=1e-6), key
+
+
 class _NoOpSampler(SamplerActor):
     def set_weights(self, version, state):
         return version, self.gen.set_weights(self.gen.version, self.gen.lora_state())[1]
