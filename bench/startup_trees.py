@@ -7,6 +7,9 @@ one session, with the machine's slow drifts hitting both alike:
 
     python bench/startup_trees.py --model /path/to/tiny_pipeline_dir --tree old=/tmp/old --tree new=. \
         --repeats 3 --epochs 2 --backend ray
+
+A tree can also be one layout of the same code: `--tree two=. --tree one=. --set one:cluster.num_samplers=1`
+gives the tree named `one` that override (repeat --set for more).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.startup import ours
 
 
-def one_run(root: Path, model: str, epochs: int, backend: str, out: Path) -> dict[str, float]:
+def one_run(root: Path, model: str, epochs: int, backend: str, out: Path, sets: list[str] = ()) -> dict[str, float]:
     """Seconds from launch to the first log line ('run ...'), to epoch 1's summary line, and to exit."""
     cmd, env = ours(backend, model, epochs, out)  # the command bench/startup.py times
+    for s in sets:
+        cmd += ["--set", s]
     shutil.rmtree(out, ignore_errors=True)
     env.update(PYTHONPATH=str(root), PYTHONUNBUFFERED="1")  # unbuffered: each line is timed as it is printed
     t0 = time.perf_counter()
@@ -55,6 +60,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--backend", default="ray", choices=["ray", "local"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/startup_trees"))
+    ap.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="a config override for the tree NAME only")  # fmt: skip
     args = ap.parse_args()
     trees = {}
     for t in args.tree:
@@ -62,10 +69,17 @@ def main() -> None:
         if not path or not (Path(path) / "learner" / "main.py").is_file():
             raise SystemExit(f"--tree {t!r}: give NAME=PATH of a checkout of this project")
         trees[name] = Path(path).resolve()
+    sets: dict[str, list[str]] = {n: [] for n in trees}
+    for s in args.set:
+        name, _, override = s.partition(":")
+        if name not in trees or "=" not in override:
+            raise SystemExit(f"--set {s!r}: give NAME:KEY=VALUE with NAME one of the trees {sorted(trees)}")
+        sets[name].append(override)
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in trees}
     for r in range(args.repeats):
         for name, root in trees.items():
-            m = one_run(root, str(Path(args.model).resolve()), args.epochs, args.backend, args.work / f"{name}-{r}")
+            m = one_run(root, str(Path(args.model).resolve()), args.epochs, args.backend, args.work / f"{name}-{r}",
+                        sets[name])  # fmt: skip
             runs[name].append(m)
             print(f"  {name} run {r + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in m.items()), flush=True)
     keys = list(next(iter(runs.values()))[0])
