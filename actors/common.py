@@ -12,6 +12,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class ActorProcess:
+    """What every actor answers about its own process (the driver's start-up wait, benches, fault tests)."""
+
+    index = 0
+
+    def ready(self) -> int:
+        return self.index
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        import os
+
+        return os.getpid()
+
+
 def setup_actor(resources: ActorResources) -> str:
     """Set torch's thread count (Ray's fractional CPUs don't limit it) and return the device to use."""
     import warnings

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from actors.common import peak_rss_mb, setup_actor
+from actors.common import ActorProcess, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
 from rewards.combined import WeightedReward, score_in_batches
@@ -41,7 +40,7 @@ class RewardScorer:
         return score_in_batches(reward, batch.images_float(), batch.prompts, self.cfg.reward.batch_size, details)
 
 
-class RewardActor:
+class RewardActor(ActorProcess):
     """Thin Ray wrapper over WeightedReward (create with `ray.remote(RewardActor).options(...)`)."""
 
     def __init__(self, cfg: RunConfig, index: int):
@@ -49,16 +48,6 @@ class RewardActor:
         self.index = index
         self.cfg = cfg
         self.scorer = RewardScorer(cfg, device)
-
-    def ready(self) -> int:
-        return self.index
-
-    def peak_rss_mb(self) -> float:
-        return peak_rss_mb()
-
-    def pid(self) -> int:
-        """The actor's process id (fault-injection tests kill it)."""
-        return os.getpid()
 
     def score_epoch(self, rollout_queue, scored_queue, epoch: int, num_items: int, timeout: float = 600.0,
                     claim_after_s: float = 120.0) -> dict:  # fmt: skip

@@ -3,12 +3,11 @@ cluster.num_reward_actors 0, scores them itself and pushes them to the scored qu
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from actors.common import peak_rss_mb, setup_actor
+from actors.common import ActorProcess, setup_actor
 from common.config import RunConfig
 from common.rollouts import RolloutGenerator
 
@@ -18,7 +17,7 @@ def rollout_batch_id(epoch: int, seed: int) -> str:
     return f"e{epoch}-s{seed}"
 
 
-class SamplerActor:
+class SamplerActor(ActorProcess):
     """Thin Ray wrapper over RolloutGenerator (create with `ray.remote(SamplerActor).options(...)`)."""
 
     def __init__(self, cfg: RunConfig, index: int):
@@ -30,16 +29,6 @@ class SamplerActor:
             from actors.reward import RewardScorer
 
             self.scorer = RewardScorer(cfg, device)
-
-    def ready(self) -> int:
-        return self.index
-
-    def peak_rss_mb(self) -> float:
-        return peak_rss_mb()
-
-    def pid(self) -> int:
-        """The actor's process id (fault-injection tests kill it)."""
-        return os.getpid()
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
         """Load the LoRA state of `version` (Ray resolves the shared ObjectRef); answer (version, checksum)."""

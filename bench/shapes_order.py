@@ -128,7 +128,7 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
         opt.step()
         step += 1
         if step % 100 == 0:
-            print(f"step {step} loss {float(loss):.4f} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(f"step {step} loss {float(loss.detach()):.4f} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import ray
 import torch
 
-from actors.common import peak_rss_mb, setup_actor
+from actors.common import ActorProcess, setup_actor
 from common.config import RunConfig
 from common.trajectory import TrajectoryBatch
 from learner.algorithm import make_algorithm
@@ -23,7 +22,7 @@ def split_stale(batches: list[TrajectoryBatch], version: int, max_staleness: int
     return fresh, dropped
 
 
-class LearnerActor:
+class LearnerActor(ActorProcess):
     """Thin Ray wrapper over the algorithm's learner (create with `ray.remote(LearnerActor).options(...)`)."""
 
     def __init__(self, cfg: RunConfig):
@@ -35,13 +34,6 @@ class LearnerActor:
         """One ray.put of the current LoRA state: (version, [ObjectRef], checksum)."""
         version, state = self.learner.weights()
         return version, [ray.put(state)], self.learner.checksum()
-
-    def peak_rss_mb(self) -> float:
-        return peak_rss_mb()
-
-    def pid(self) -> int:
-        """The actor's process id (fault-injection tests kill it)."""
-        return os.getpid()
 
     def lora_state(self):
         return self.learner.weights()[1]
