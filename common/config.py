@@ -161,12 +161,8 @@ class ClusterConfig(_Strict):
     num_learners: int = Field(
         1, ge=1, description="Data-parallel learner actors (gloo all-reduce of gradients; Ray backend only)."
     )
-    num_reward_actors: int = Field(
-        1,
-        ge=0,
-        description="Reward actors. 0: each sampler scores its own batches (no reward actor and no rollout queue: "
-        "two processes fewer, for small runs and cheap rewards; a learned reward then loads in every sampler).",
-    )
+    num_reward_actors: int = Field(1, ge=0, description="Reward actors. 0: each sampler scores its own batches (two "
+                                   "processes fewer; a learned reward then loads in every sampler).")  # fmt: skip
     sampler: ActorResources = Field(default_factory=ActorResources)
     reward: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.25))
     learner: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.5, torch_threads=2))

@@ -153,9 +153,8 @@ class RaySystem:
         if row.get("final_eval"):
             self.metrics.evaluation(row)
         else:
-            self.metrics.epoch(
-                row, {"rollouts": len(self._sample_q) if self.rewarders else 0, "scored": len(self.scored_q)}, self.sync_ms
-            )
+            rollouts = len(self.rollout_q) if self.rollout_q is not None else 0  # none without reward actors
+            self.metrics.epoch(row, {"rollouts": rollouts, "scored": len(self.scored_q)}, self.sync_ms)
 
     def launch_sampling(self, inputs: EpochInputs) -> tuple[list, list, int, int]:
         """Start samplers and reward actors on one epoch; returns (sampler futures, reward futures, rollout
@@ -233,12 +232,13 @@ class RaySystem:
             self.sync_weights()  # queued behind the running sample calls; applies to the epoch after next
         m.update(  # samples (reward queries): counted by the learner, from distinct scored batches
             time_sample=max(s["time_sample"] for s in sample_stats),
-            time_reward=sum(r["time_reward"] for r in reward_stats + sample_stats if "time_reward" in r),
+            time_reward=sum(r["time_reward"] for r in reward_stats + sample_stats),  # samplers that score report theirs
         )
         return m
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> EvalResult:
-        """Evaluation images (plain prompts, constant scale) from the samplers, scored by the reward actors."""
+        """Evaluation images (plain prompts, constant scale) from the samplers, scored by the reward actors (or, with
+        none, by the sampler that drew them)."""
         futs, scorers, start = [], [], 0
         for s, n in zip(self.samplers, _split(len(prompts), len(self.samplers))):
             if n:
