@@ -9,11 +9,17 @@ guidance 5, eta 0 (bench/shapes_quality.py's sampler), on the `shapes_pairs` pro
               encoder, every weight trainable, AdamW, 10% caption dropout) for --minutes, and score K images
               per prompt before and every --every minutes. Direct supervision is the strongest signal there
               is: if it does not move the order in the budget, no reward fine-tuning of the same size will.
+              --bidirectional first drops the text encoder's causal mask (same weights, SiglipTextModel);
+              --hi-noise-weight W weights high-noise examples up to W times (the x0 error, clamped).
+  loss-gap    the denoiser's epsilon loss on --scenes ground-truth pair scenes under the true caption, its
+              paraphrase, the swapped order and the empty caption, per timestep, with the same noise: a
+              model that uses the order has loss(swapped) > loss(true). Forward passes only, ~1 min.
 
     HF_HUB_OFFLINE=1 python bench/shapes_order.py per-prompt --k 16
     HF_HUB_OFFLINE=1 python bench/shapes_order.py supervised --minutes 30 --every 10 --lr 3e-4 --k 8 [--save DIR]
+    HF_HUB_OFFLINE=1 python bench/shapes_order.py loss-gap --model shapes-base --scenes 1024
 
-Both print JSON lines; the second's rows are also written to --json.
+Each prints JSON; --json also writes the result (the supervised probe's rows) to a file.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -69,6 +74,86 @@ def per_prompt(pipe, prompts: list[str], k: int, seed: int) -> dict:
         "binomial_std": math.sqrt(p * (1 - p) / k),
         "histogram_0-1_in_5_bins": hist,
     }
+
+
+def bidirectional_text_encoder(te):
+    """The same weights as CLIPTextModel `te` in a SiglipTextModel: CLIP's text transformer without its causal
+    mask, so that every token state sees the whole caption (the relation word comes after the first object).
+    With a causal mask passed in, it reproduces `te` exactly; the pooled head is new and unused by SD."""
+    from transformers import SiglipTextConfig, SiglipTextModel
+
+    if isinstance(te, SiglipTextModel):
+        return te
+    c = te.config
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id")  # fmt: skip
+    out = SiglipTextModel(SiglipTextConfig(**{k: getattr(c, k) for k in keys}, projection_size=c.hidden_size))
+    missing, unexpected = out.load_state_dict(te.state_dict(), strict=False)
+    if unexpected or set(missing) != {"head.weight", "head.bias"}:
+        raise RuntimeError(f"text encoder conversion: missing {missing}, unexpected {unexpected}")
+    return out.to(te.dtype)
+
+
+def order_variants(caption: str) -> dict[str, str]:
+    """A pair caption as it is (`true`), paraphrased (objects swapped and the relation word reversed: the same
+    layout), with its order swapped (the relation word reversed: the mirror layout) and `empty`."""
+    from common.shapes.scenes import OPPOSITE_RELATION, Caption, parse_caption
+
+    c = parse_caption(caption)
+    if c.relation is None:
+        raise ValueError(f"order_variants needs a two-object caption, got {caption!r}")
+    opposite = OPPOSITE_RELATION[c.relation]
+    return {
+        "true": c.text,
+        "paraphrase": Caption((c.objects[1], c.objects[0]), opposite).text,
+        "swapped": Caption(c.objects, opposite).text,
+        "empty": "",
+    }
+
+
+@torch.no_grad()
+def loss_gap(pipe, n: int, seed: int, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> dict:
+    """Does the denoiser use the order? On n fresh ground-truth pair scenes, with the same noise for every
+    caption, the epsilon loss under the true caption, its paraphrase (objects swapped, relation word
+    reversed: the same layout), the swapped order (the relation word reversed: the mirror layout) and the
+    empty caption, per timestep. A model that binds each object to its side has loss(swapped) > loss(true);
+    one that knows only the axis has them equal. The gap is paired per image (mean, 95% CI, share > 0)."""
+    from common.shapes.scenes import generate_scenes
+
+    vae, te, unet, sched, tok = pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer
+    imgs_np, caps = generate_scenes(n, seed + 11, 1.0)
+    images = torch.from_numpy(imgs_np).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z0 = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
+    z0 = z0 * vae.config.scaling_factor
+    variants = {k: [order_variants(c)[k] for c in caps] for k in ("true", "paraphrase", "swapped", "empty")}
+
+    def states(texts: list[str]) -> torch.Tensor:
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids  # fmt: skip
+        return torch.cat([te(ids[i : i + 256])[0] for i in range(0, n, 256)])
+
+    cond = {k: states(v) for k, v in variants.items()}
+    gen = torch.Generator().manual_seed(seed + 13)
+    out: dict = {"n": n}
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=gen)
+        a = sched.alphas_cumprod[t]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        tt = torch.full((n,), t)
+        losses = {}
+        for k, c in cond.items():
+            pred = torch.cat([unet(zt[i : i + 128], tt[i : i + 128], encoder_hidden_states=c[i : i + 128]).sample
+                              for i in range(0, n, 128)])  # fmt: skip
+            losses[k] = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        gap = losses["swapped"] - losses["true"]
+        row = {k: round(float(v.mean()), 5) for k, v in losses.items()}
+        row["gap_swapped"] = round(float(gap.mean()), 5)
+        row["gap_swapped_ci"] = round(1.96 * float(gap.std()) / math.sqrt(n), 5)
+        row["gap_swapped_share_pos"] = round(float((gap > 0).float().mean()), 3)
+        row["gap_paraphrase"] = round(float((losses["paraphrase"] - losses["true"]).mean()), 5)
+        row["gap_empty"] = round(float((losses["empty"] - losses["true"]).mean()), 5)
+        out[f"t{t}"] = row
+    return out
 
 
 def supervised(pipe, prompts: list[str], args) -> list[dict]:
@@ -121,7 +206,10 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
         noise = torch.randn(z.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, encoder_hidden_states=te(ids[rows_])[0]).sample
-        loss = F.mse_loss(pred, noise)
+        # weight (1 - a) / a turns the epsilon error into the x0 error; clamped to [1, W] it leaves low noise as
+        # it was and raises high noise, where the layout (and so the order) is decided, up to W times.
+        w = ((1 - a) / a).clamp(1.0, args.hi_noise_weight).view(-1)
+        loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -133,7 +221,7 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["per-prompt", "supervised"])
+    ap.add_argument("probe", choices=["per-prompt", "supervised", "loss-gap"])
     ap.add_argument("--model", default="shapes-base")
     ap.add_argument("--k", type=int, default=16, help="images per shapes_pairs prompt")
     ap.add_argument("--seed", type=int, default=1234, help="sampling noise (and data/batches of the supervised probe)")
@@ -143,6 +231,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--scenes", type=int, default=16000, help="ground-truth pair scenes to train on")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hi-noise-weight", type=float, default=1.0,
+                    help="supervised: weight each example's epsilon loss by (1-a)/a clamped to [1, W] (1: plain)")
+    ap.add_argument("--bidirectional", action="store_true",
+                    help="drop the text encoder's causal mask (same weights, as a SiglipTextModel) before probing")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--save", type=Path, default=None, help="supervised: save the trained pipeline (fp32) here")
     args = ap.parse_args()
@@ -152,9 +244,16 @@ def main() -> None:
     from common.pipelines import load_pipeline
 
     pipe = load_pipeline(ModelConfig(pretrained=args.model))
+    if args.bidirectional:
+        pipe.text_encoder = bidirectional_text_encoder(pipe.text_encoder)
     prompts = SHAPES_PROMPT_SETS["shapes_pairs"]()
-    out = per_prompt(pipe, prompts, args.k, args.seed) if args.probe == "per-prompt" else supervised(pipe, prompts, args)
-    if args.probe == "per-prompt":
+    if args.probe == "loss-gap":
+        out = loss_gap(pipe, args.scenes, args.seed)
+    elif args.probe == "per-prompt":
+        out = per_prompt(pipe, prompts, args.k, args.seed)
+    else:
+        out = supervised(pipe, prompts, args)
+    if args.probe != "supervised":
         print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
