@@ -10,7 +10,9 @@ guidance 5, eta 0 (bench/shapes_quality.py's sampler), on the `shapes_pairs` pro
               per prompt before and every --every minutes. Direct supervision is the strongest signal there
               is: if it does not move the order in the budget, no reward fine-tuning of the same size will.
               --bidirectional first drops the text encoder's causal mask (same weights, SiglipTextModel);
-              --hi-noise-weight W weights high-noise examples up to W times (the x0 error, clamped).
+              --hi-noise-weight W weights high-noise examples up to W times (the x0 error, clamped);
+              --aux-relation W adds W x a cross-entropy naming the relation word from the mean text state;
+              --only CAPTION... trains on scenes of those captions alone and scores them (memorise).
   loss-gap    the denoiser's epsilon loss on --scenes ground-truth pair scenes under the true caption, its
               paraphrase, the swapped order and the empty caption, per timestep, with the same noise: a
               model that uses the order has loss(swapped) > loss(true). Forward passes only, ~1 min.
@@ -18,6 +20,8 @@ guidance 5, eta 0 (bench/shapes_quality.py's sampler), on the `shapes_pairs` pro
     HF_HUB_OFFLINE=1 python bench/shapes_order.py per-prompt --k 16
     HF_HUB_OFFLINE=1 python bench/shapes_order.py supervised --minutes 30 --every 10 --lr 3e-4 --k 8 [--save DIR]
     HF_HUB_OFFLINE=1 python bench/shapes_order.py loss-gap --model shapes-base --scenes 1024
+    HF_HUB_OFFLINE=1 python bench/shapes_order.py supervised --scenes 2000 --k 32 --minutes 12 --every 3 \
+        --only "a red circle to the left of a blue square" "a blue square to the left of a red circle"
 
 Each prints JSON; --json also writes the result (the supervised probe's rows) to a file.
 """
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -160,7 +165,17 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
     from common.shapes.scenes import generate_scenes
 
     vae, te, unet, sched, tok = pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer
-    imgs_np, caps = generate_scenes(args.scenes, args.seed + 7, 1.0)
+    if args.only:  # memorise: scenes of these captions only, in turn, and score them alone
+        import numpy as np
+
+        from common.shapes.scenes import make_scene
+
+        rng = np.random.default_rng(args.seed + 7)
+        drawn = [make_scene(args.only[i % len(args.only)], rng) for i in range(args.scenes)]
+        imgs_np, caps = np.stack([d.image for d in drawn]), [d.caption.text for d in drawn]
+        prompts = [d.caption.text for d in drawn[: len(args.only)]]
+    else:
+        imgs_np, caps = generate_scenes(args.scenes, args.seed + 7, 1.0)
     images = torch.from_numpy(imgs_np).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
         dists = [vae.encode(images[i : i + 256].float() / 127.5 - 1).latent_dist for i in range(0, len(images), 256)]
@@ -170,7 +185,13 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
     ids = tok(uniq + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids  # fmt: skip
     cap_idx, empty = torch.tensor([index[c] for c in caps]), len(uniq)
-    params = list(unet.parameters()) + list(te.parameters())
+    from common.shapes.scenes import RELATIONS, parse_caption
+
+    # --aux-relation: a linear head on the mean text state names the relation word (cross-entropy), so that the
+    # text encoder keeps "left" apart from "right" and "above" from "below" (docs/results.md, session 24).
+    rel_of = torch.tensor([RELATIONS.index(parse_caption(c).relation) for c in uniq] + [-1])
+    head = torch.nn.Linear(te.config.hidden_size, len(RELATIONS))
+    params = list(unet.parameters()) + list(te.parameters()) + (list(head.parameters()) if args.aux_relation else [])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -205,11 +226,16 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
         noise = torch.randn(z.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, encoder_hidden_states=te(ids[rows_])[0]).sample
+        states = te(ids[rows_])[0]
+        pred = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, encoder_hidden_states=states).sample
         # weight (1 - a) / a turns the epsilon error into the x0 error; clamped to [1, W] it leaves low noise as
         # it was and raises high noise, where the layout (and so the order) is decided, up to W times.
         w = ((1 - a) / a).clamp(1.0, args.hi_noise_weight).view(-1)
         loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w).mean() / w.mean()
+        labels = rel_of[rows_]
+        if args.aux_relation and (labels >= 0).any():
+            keep = labels >= 0
+            loss = loss + args.aux_relation * F.cross_entropy(head(states[keep].mean(dim=1)), labels[keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -235,6 +261,10 @@ def main() -> None:
                     help="supervised: weight each example's epsilon loss by (1-a)/a clamped to [1, W] (1: plain)")
     ap.add_argument("--bidirectional", action="store_true",
                     help="drop the text encoder's causal mask (same weights, as a SiglipTextModel) before probing")
+    ap.add_argument("--aux-relation", type=float, default=0.0,
+                    help="supervised: weight of a cross-entropy that names the relation word from the text states")
+    ap.add_argument("--only", nargs="+", default=None, metavar="CAPTION",
+                    help="supervised: train on scenes of these pair captions only and score them alone (memorise)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--save", type=Path, default=None, help="supervised: save the trained pipeline (fp32) here")
     args = ap.parse_args()
