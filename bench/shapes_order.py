@@ -130,7 +130,8 @@ def loss_gap(pipe, n: int, seed: int, timesteps: tuple[int, ...] = (100, 300, 50
     images = torch.from_numpy(imgs_np).permute(0, 3, 1, 2).float() / 127.5 - 1
     z0 = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
     z0 = z0 * vae.config.scaling_factor
-    variants = {k: [order_variants(c)[k] for c in caps] for k in ("true", "paraphrase", "swapped", "empty")}
+    per_caption = [order_variants(c) for c in caps]
+    variants = {k: [v[k] for v in per_caption] for k in ("true", "paraphrase", "swapped", "empty")}
 
     def states(texts: list[str]) -> torch.Tensor:
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -162,7 +163,7 @@ def loss_gap(pipe, n: int, seed: int, timesteps: tuple[int, ...] = (100, 300, 50
 
 
 def supervised(pipe, prompts: list[str], args) -> list[dict]:
-    from common.shapes.scenes import generate_scenes
+    from common.shapes.scenes import RELATIONS, generate_scenes, parse_caption
 
     vae, te, unet, sched, tok = pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer
     if args.only:  # memorise: scenes of these captions only, in turn, and score them alone
@@ -185,8 +186,6 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
     ids = tok(uniq + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids  # fmt: skip
     cap_idx, empty = torch.tensor([index[c] for c in caps]), len(uniq)
-    from common.shapes.scenes import RELATIONS, parse_caption
-
     # --aux-relation: a linear head on the mean text state names the relation word (cross-entropy), so that the
     # text encoder keeps "left" apart from "right" and "above" from "below" (docs/results.md, session 24).
     rel_of = torch.tensor([RELATIONS.index(parse_caption(c).relation) for c in uniq] + [-1])
@@ -232,10 +231,11 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
         # it was and raises high noise, where the layout (and so the order) is decided, up to W times.
         w = ((1 - a) / a).clamp(1.0, args.hi_noise_weight).view(-1)
         loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w).mean() / w.mean()
-        labels = rel_of[rows_]
-        if args.aux_relation and (labels >= 0).any():
-            keep = labels >= 0
-            loss = loss + args.aux_relation * F.cross_entropy(head(states[keep].mean(dim=1)), labels[keep])
+        if args.aux_relation:
+            labels = rel_of[rows_]
+            keep = labels >= 0  # captions dropped for CFG have no relation
+            if keep.any():
+                loss = loss + args.aux_relation * F.cross_entropy(head(states[keep].mean(dim=1)), labels[keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
