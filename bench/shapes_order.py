@@ -163,7 +163,8 @@ def loss_gap(pipe, n: int, seed: int, timesteps: tuple[int, ...] = (100, 300, 50
 
 
 def supervised(pipe, prompts: list[str], args) -> list[dict]:
-    from common.shapes.scenes import RELATIONS, generate_scenes, parse_caption
+    from common.shapes.scenes import RELATIONS, generate_scenes
+    from common.shapes.train_base import relation_targets
 
     vae, te, unet, sched, tok = pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer
     if args.only:  # memorise: scenes of these captions only, in turn, and score them alone
@@ -188,7 +189,7 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
     cap_idx, empty = torch.tensor([index[c] for c in caps]), len(uniq)
     # --aux-relation: a linear head on the mean text state names the relation word (cross-entropy), so that the
     # text encoder keeps "left" apart from "right" and "above" from "below" (docs/results.md, session 24).
-    rel_of = torch.tensor([RELATIONS.index(parse_caption(c).relation) for c in uniq] + [-1])
+    rel_of = relation_targets(uniq + [""])
     head = torch.nn.Linear(te.config.hidden_size, len(RELATIONS))
     params = list(unet.parameters()) + list(te.parameters()) + (list(head.parameters()) if args.aux_relation else [])
     for p in params:

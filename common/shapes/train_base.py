@@ -8,12 +8,16 @@ Stages, each printed as it runs:
 The EMA pipeline is saved every --ckpt-minutes to WORK/ckpt, at the end in fp32 to WORK/final_fp32 and to
 --out (StableDiffusionPipeline.save_pretrained, safetensors; all modules fp16 unless --fp32: load it with
 torch_dtype=torch.float32 on a CPU, where fp16 is ~10x slower). --export-from DIR re-saves a saved fp32
-pipeline to --out in fp16 without training. The stage lengths are step
+pipeline to --out in fp16 without training. --init-from DIR continues a saved pipeline (VAE frozen, stages
+3-4 only); --aux-relation W adds a cross-entropy that names the relation word from the mean text state, without
+which the text encoder merges "left" with "right" and the order is never learned (docs/results.md, session 24);
+--keep-ckpts keeps every checkpoint as WORK/ckpt-STEP. The stage lengths are step
 counts; when --vae-steps / --unet-steps are not given they are derived from the --minutes wall-clock budget
 after timing a few steps, and the steps used are written to OUT/train_config.json so that a rerun with
 them is exact up to floating-point non-determinism.
 
     python -m common.shapes.train_base --out common/assets/shapes_base --seed 0 --minutes 75
+    python -m common.shapes.train_base --out DIR --init-from common/assets/shapes_base --aux-relation 0.1 ...
 """
 
 from __future__ import annotations
@@ -28,63 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.shapes.scenes import generate_scenes
-
-TEXT_MAX_LENGTH = 16
-
-
-def build_models(tokenizer_vocab: int, pad_id: int) -> tuple:
-    """Fresh (vae, text_encoder, unet, scheduler) with the testbed's sizes (see docs/shapes.md)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer_vocab,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=TEXT_MAX_LENGTH,
-            projection_dim=128,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=pad_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(64, 128, 128),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128,
-        attention_head_dim=8,
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return vae, text_encoder, unet, scheduler
+from common.shapes.base_io import TEXT_MAX_LENGTH, build_models, export_pipeline, save_pipeline
+from common.shapes.scenes import RELATIONS, generate_scenes, parse_caption
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -93,49 +42,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def save_pipeline(path: Path, vae, text_encoder, unet, scheduler, tokenizer, fp16: bool, meta: dict) -> None:
-    """save_pretrained a StableDiffusionPipeline (no safety checker) to path, plus train_config.json."""
-    from diffusers import StableDiffusionPipeline
-
-    # Every module in one dtype: a mixed fp16/fp32 directory fails in a plain from_pretrained(path).
-    te, un, va = copy.deepcopy(text_encoder), copy.deepcopy(unet), copy.deepcopy(vae)
-    if fp16:
-        te, un, va = te.half(), un.half(), va.half()
-    pipe = StableDiffusionPipeline(
-        vae=va,
-        text_encoder=te,
-        tokenizer=tokenizer,
-        unet=un,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    # transformers loads a model in the dtype its config names; diffusers loads fp32. Name fp32 so that a
-    # plain from_pretrained(path) gives one dtype (fp32, fast on CPUs) from the fp16 files.
-    te_config = path / "text_encoder" / "config.json"
-    cfg = json.loads(te_config.read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in cfg:
-            cfg[key] = "float32"
-    te_config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (path / "train_config.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def export_pipeline(src: Path, dst: Path, fp16: bool = True) -> None:
-    """Re-save the pipeline saved at src (and its train_config.json) to dst, all modules fp16 if fp16."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(src), torch_dtype=torch.float32)
-    meta = (
-        json.loads((src / "train_config.json").read_text()) if (src / "train_config.json").is_file() else {}
-    )
-    save_pipeline(dst, pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer, fp16, meta)
-    print(f"exported {src} -> {dst} (fp16={fp16})", flush=True)
 
 
 def _log(msg: str, t0: float) -> None:
@@ -212,10 +118,23 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tenso
     return torch.cat(means), torch.cat(stds)
 
 
+def relation_targets(captions: list[str]) -> torch.Tensor:
+    """Index in RELATIONS of each caption's relation word, -1 for a single object (or an empty caption)."""
+    rels = [parse_caption(c).relation if c else None for c in captions]
+    return torch.tensor([RELATIONS.index(r) if r else -1 for r in rels], dtype=torch.long)
+
+
 def train_unet(
-    args, latents, stds, captions, vae, tokenizer, work: Path, out: Path, t0: float, budget_s, meta
+    args, latents, stds, captions, vae, tokenizer, work: Path, out: Path, t0: float, budget_s, meta, init=None
 ):
-    _, text_encoder, unet, scheduler = build_models(len(tokenizer), tokenizer.pad_token_id)
+    """Train text encoder + UNet (fresh, or continued from init = (text_encoder, unet, scheduler))."""
+
+    def fresh() -> tuple:
+        if init is not None:
+            return tuple(copy.deepcopy(m) for m in init)
+        return build_models(len(tokenizer), tokenizer.pad_token_id)[1:]
+
+    text_encoder, unet, scheduler = fresh()
     n_params = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in text_encoder.parameters())
     _log(f"unet {n_params[0] / 1e6:.2f}M params, text encoder {n_params[1] / 1e6:.2f}M params", t0)
     uniq = sorted(set(captions))
@@ -230,7 +149,17 @@ def train_unet(
     empty_row = len(uniq)
     cap_idx = torch.tensor([cap_index[c] for c in captions])
     gen = torch.Generator().manual_seed(args.seed + 2)
+    # --aux-relation: a linear head on the mean text state names the relation word (cross-entropy). Without it
+    # the text encoder merges "left" with "right" (and "above" with "below"), and the UNet cannot learn the
+    # order at all (docs/results.md, session 24). The head is dropped after training.
+    rel_of = torch.cat([relation_targets(uniq), torch.tensor([-1])])
+    head = torch.nn.Linear(text_encoder.config.hidden_size, len(RELATIONS))
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    if args.aux_relation:
+        params += list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    text_encoder.train(), unet.train()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
@@ -253,6 +182,12 @@ def train_unet(
         cond = text_encoder(ids_table[rows])[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
+        labels = rel_of[rows]
+        if args.aux_relation and bool((labels >= 0).any()):
+            keep = labels >= 0
+            aux = F.cross_entropy(head(cond[keep].mean(dim=1)), labels[keep])
+            aux_acc.append(float((head(cond[keep].mean(dim=1)).argmax(-1) == labels[keep]).float().mean()))
+            loss = loss + args.aux_relation * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,7 +206,8 @@ def train_unet(
         total, per = _steps_for(budget_s, step)
         _log(f"unet: {per:.2f} s/step -> {total} steps in {budget_s / 60:.1f} min", t0)
         # The timing steps trained the model; restart from fresh weights so the run is defined by `total`.
-        _, text_encoder2, unet2, _ = build_models(len(tokenizer), tokenizer.pad_token_id)
+        text_encoder2, unet2, _ = fresh()
+        head.reset_parameters()
         unet.load_state_dict(unet2.state_dict())
         text_encoder.load_state_dict(text_encoder2.state_dict())
         ema_unet.load_state_dict(unet2.state_dict())
@@ -280,6 +216,7 @@ def train_unet(
         gen.manual_seed(args.seed + 2)
     meta["unet_steps"] = total
     ema_loss, t_last, t_ckpt = None, time.time(), time.time()
+    aux_acc: list[float] = []
     for i in range(total):
         loss = step(i, total)
         ema_update(i)
@@ -290,13 +227,19 @@ def train_unet(
             eta = dt * (total - i - 1) / 60
             _log(
                 f"unet step {i + 1}/{total} loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{dt:.2f} s/step eta {eta:.1f} min",
+                f"{dt:.2f} s/step eta {eta:.1f} min"
+                + (
+                    f" relation-head acc {sum(aux_acc) / max(1, len(aux_acc)):.2f}"
+                    if args.aux_relation
+                    else ""
+                ),
                 t0,
             )
+            aux_acc.clear()
         if time.time() - t_ckpt > args.ckpt_minutes * 60:
             t_ckpt = time.time()
             save_pipeline(
-                work / "ckpt",
+                work / (f"ckpt-{i + 1}" if args.keep_ckpts else "ckpt"),
                 vae,
                 ema_te,
                 ema_unet,
@@ -305,7 +248,7 @@ def train_unet(
                 False,
                 {**meta, "ckpt_step": i + 1},
             )
-            _log(f"checkpoint (EMA, fp32) at step {i + 1} -> {work / 'ckpt'}", t0)
+            _log(f"checkpoint (EMA, fp32) at step {i + 1} -> {work}", t0)
     save_pipeline(work / "final_fp32", vae, ema_te, ema_unet, scheduler, tokenizer, False, meta)
     save_pipeline(out, vae, ema_te, ema_unet, scheduler, tokenizer, not args.fp32, meta)
     _log(f"saved final EMA pipeline to {out} (fp16={not args.fp32}) and {work / 'final_fp32'}", t0)
@@ -336,7 +279,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="save --out in fp32 (default: fp16 UNet/text encoder)")
     p.add_argument("--export-from", default=None, help="only re-save this fp32 pipeline dir to --out (fp16)")
     p.add_argument("--reuse-vae", action="store_true", help="reuse WORK/vae if present (resume)")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from this saved pipeline (its VAE, text encoder and UNet); skips the VAE stage",
+    )
+    p.add_argument(
+        "--aux-relation",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary cross-entropy that names the relation word from the mean text state "
+        "(0: off; 0.1 teaches the order, docs/results.md)",
+    )
+    p.add_argument("--keep-ckpts", action="store_true", help="keep every checkpoint as WORK/ckpt-STEP")
     return p.parse_args(argv)
+
+
+def _load_init(path: Path, meta: dict, t0: float) -> tuple:
+    """(vae, (text_encoder, unet, scheduler), tokenizer) of a saved pipeline, in fp32, to continue training."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(
+            f"--init-from {path}: no model_index.json there; give a save_pretrained pipeline directory"
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    cfg = path / "train_config.json"
+    meta["init_config"] = json.loads(cfg.read_text()) if cfg.is_file() else None
+    meta["vae_steps"] = 0
+    _log(
+        f"init: continuing from {path} (VAE kept frozen, scaling_factor {pipe.vae.config.scaling_factor:.4f})",
+        t0,
+    )
+    return pipe.vae.eval(), (pipe.text_encoder, pipe.unet, pipe.scheduler), pipe.tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
 
     vae_dir = work / "vae"
     meta: dict = {k: v for k, v in vars(args).items() if k not in ("out", "work", "reuse_vae", "export_from")}
-    if args.reuse_vae and (vae_dir / "config.json").is_file():
+    init = None
+    if args.init_from is not None:
+        vae, init, tokenizer = _load_init(Path(args.init_from), meta, t0)
+    elif args.reuse_vae and (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
         meta["vae_steps"] = json.loads((vae_dir / "steps.json").read_text())["vae_steps"]
         _log(f"vae: reused {vae_dir}", t0)
@@ -375,8 +353,9 @@ def main(argv: list[str] | None = None) -> None:
 
     means, stds = encode_all(vae, images)
     std = float((means + stds * torch.randn_like(stds)).std())
-    vae.register_to_config(scaling_factor=1.0 / std)
-    meta["scaling_factor"] = 1.0 / std
+    if init is None:  # a continued model keeps the scaling its UNet was trained with
+        vae.register_to_config(scaling_factor=1.0 / std)
+    meta["scaling_factor"] = vae.config.scaling_factor
     with torch.no_grad():
         rec = vae.decode(means[:256]).sample.clamp(-1, 1)
         mse = F.mse_loss(rec, images[:256].float() / 127.5 - 1.0).item()
@@ -386,9 +365,10 @@ def main(argv: list[str] | None = None) -> None:
         t0,
     )
 
-    tokenizer = build_clip_tokenizer(model_max_length=TEXT_MAX_LENGTH)
+    if init is None:
+        tokenizer = build_clip_tokenizer(model_max_length=TEXT_MAX_LENGTH)
     budget = args.minutes * 60 - (time.time() - t0) - 60  # a minute for the saves
-    train_unet(args, means, stds, captions, vae, tokenizer, work, out, t0, budget, meta)
+    train_unet(args, means, stds, captions, vae, tokenizer, work, out, t0, budget, meta, init)
     _log("done", t0)
 
 
