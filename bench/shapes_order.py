@@ -266,6 +266,8 @@ def main() -> None:
                     help="supervised: weight of a cross-entropy that names the relation word from the text states")
     ap.add_argument("--only", nargs="+", default=None, metavar="CAPTION",
                     help="supervised: train on scenes of these pair captions only and score them alone (memorise)")
+    ap.add_argument("--prompts", default="shapes_pairs", choices=["shapes_pairs", "shapes_pairs_heldout"],
+                    help="the prompt set to score (per-prompt, supervised)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--save", type=Path, default=None, help="supervised: save the trained pipeline (fp32) here")
     args = ap.parse_args()
@@ -277,7 +279,7 @@ def main() -> None:
     pipe = load_pipeline(ModelConfig(pretrained=args.model))
     if args.bidirectional:
         pipe.text_encoder = bidirectional_text_encoder(pipe.text_encoder)
-    prompts = SHAPES_PROMPT_SETS["shapes_pairs"]()
+    prompts = SHAPES_PROMPT_SETS[args.prompts]()
     if args.probe == "loss-gap":
         out = loss_gap(pipe, args.scenes, args.seed)
     elif args.probe == "per-prompt":

@@ -168,6 +168,8 @@ def train_unet(
     sf = vae.config.scaling_factor
     n = latents.shape[0]
 
+    aux_acc: list[float] = []  # the relation head's accuracy per step since the last log line
+
     def step(i: int, total: int = 10**9) -> float:
         for g in opt.param_groups:
             g["lr"] = lr_at(i, total, args.lr, args.warmup)
@@ -216,7 +218,7 @@ def train_unet(
         gen.manual_seed(args.seed + 2)
     meta["unet_steps"] = total
     ema_loss, t_last, t_ckpt = None, time.time(), time.time()
-    aux_acc: list[float] = []
+    aux_acc.clear()
     for i in range(total):
         loss = step(i, total)
         ema_update(i)
