@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 # import this module's names but never build a model, and those imports cost seconds of start-up per process.
 
 ASSET_DIR = Path(__file__).parent / "assets"
-BUILTIN_DIRS = {"shapes-base": ASSET_DIR / "shapes_base"}
+# shapes-base-order: shapes-base continued with the auxiliary relation loss (548 steps), so that it knows the
+# relation order partly (docs/shapes.md, "Teaching the base model the order").
+BUILTIN_DIRS = {"shapes-base": ASSET_DIR / "shapes_base", "shapes-base-order": ASSET_DIR / "shapes_base_order"}
 BUILTIN_NAMES = ["tiny", "tiny-sdxl", *BUILTIN_DIRS]
 
 # Every trainable linear/conv of a small UNet: the tiny random UNet barely responds to attention-only LoRA.
