@@ -187,8 +187,9 @@ def train_unet(
         labels = rel_of[rows]
         if args.aux_relation and bool((labels >= 0).any()):
             keep = labels >= 0
-            aux = F.cross_entropy(head(cond[keep].mean(dim=1)), labels[keep])
-            aux_acc.append(float((head(cond[keep].mean(dim=1)).argmax(-1) == labels[keep]).float().mean()))
+            logits = head(cond[keep].mean(dim=1))
+            aux = F.cross_entropy(logits, labels[keep])
+            aux_acc.append(float((logits.argmax(-1) == labels[keep]).float().mean()))
             loss = loss + args.aux_relation * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
