@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -164,7 +163,7 @@ def loss_gap(pipe, n: int, seed: int, timesteps: tuple[int, ...] = (100, 300, 50
 
 def supervised(pipe, prompts: list[str], args) -> list[dict]:
     from common.shapes.scenes import RELATIONS, generate_scenes
-    from common.shapes.train_base import relation_targets
+    from common.shapes.train_base import relation_aux_loss, relation_targets
 
     vae, te, unet, sched, tok = pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.tokenizer
     if args.only:  # memorise: scenes of these captions only, in turn, and score them alone
@@ -232,11 +231,9 @@ def supervised(pipe, prompts: list[str], args) -> list[dict]:
         # it was and raises high noise, where the layout (and so the order) is decided, up to W times.
         w = ((1 - a) / a).clamp(1.0, args.hi_noise_weight).view(-1)
         loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w).mean() / w.mean()
-        if args.aux_relation:
-            labels = rel_of[rows_]
-            keep = labels >= 0  # captions dropped for CFG have no relation
-            if keep.any():
-                loss = loss + args.aux_relation * F.cross_entropy(head(states[keep].mean(dim=1)), labels[keep])
+        aux = relation_aux_loss(head, states, rel_of[rows_]) if args.aux_relation else None
+        if aux is not None:  # captions dropped for CFG have no relation
+            loss = loss + args.aux_relation * aux[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from common.pipelines import BUILTIN_DIRS
-from common.shapes.train_base import main, relation_targets
+from common.shapes import train_base
+from common.shapes.train_base import main, relation_aux_loss, relation_targets
 
 LEFT = "a red circle to the left of a blue square"
 RIGHT = "a red circle to the right of a blue square"
@@ -64,7 +65,24 @@ def test_continued_model_keeps_the_vae_scaling_and_records_its_origin(continued)
     assert not any("head" in p.name for p in continued["aux"].rglob("*"))
 
 
-def test_init_from_a_directory_without_a_pipeline_names_the_flag(tmp_path) -> None:
+def test_relation_aux_loss_skips_rows_without_a_relation_and_reports_accuracy() -> None:
+    head = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4) * 10), head.bias.zero_()
+    states = torch.zeros(3, 2, 4)
+    states[0, :, 0], states[1, :, 1], states[2, :, 2] = 1.0, 1.0, 1.0  # rows name relations 0, 1, 2
+    assert relation_aux_loss(head, states, torch.tensor([-1, -1, -1])) is None
+    loss, acc = relation_aux_loss(head, states, torch.tensor([0, 2, -1]))  # row 1 wrong, row 2 skipped
+    assert acc == 0.5
+    expected = torch.nn.functional.cross_entropy(head(states[:2].mean(1)), torch.tensor([0, 2]))
+    assert float(loss) == pytest.approx(float(expected))
+
+
+def test_init_from_a_directory_without_a_pipeline_names_the_flag(tmp_path, monkeypatch) -> None:
+    def no_data(*a, **k):
+        raise AssertionError("--init-from must be checked before the data are generated")
+
+    monkeypatch.setattr(train_base, "generate_scenes", no_data)
     with pytest.raises(SystemExit, match="--init-from"):
         main(["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--init-from", str(tmp_path),
               "--n-images", "8", "--unet-steps", "1"])  # fmt: skip

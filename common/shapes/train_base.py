@@ -124,6 +124,21 @@ def relation_targets(captions: list[str]) -> torch.Tensor:
     return torch.tensor([RELATIONS.index(r) if r else -1 for r in rels], dtype=torch.long)
 
 
+def relation_aux_loss(head: torch.nn.Module, states: torch.Tensor, labels: torch.Tensor):
+    """--aux-relation's loss: cross-entropy of a linear head naming the relation word from the mean text state.
+
+    labels: RELATIONS index per row, -1 where there is none (a single object, a dropped caption). Returns
+    (loss, accuracy), or None when no row has a relation. Without this loss the text encoder merges "left" with
+    "right" (and "above" with "below") and the UNet cannot learn the order (docs/results.md, session 24).
+    """
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return None
+    logits = head(states[keep].mean(dim=1))
+    acc = float((logits.argmax(-1) == labels[keep]).float().mean())
+    return F.cross_entropy(logits, labels[keep]), acc
+
+
 def train_unet(
     args, latents, stds, captions, vae, tokenizer, work: Path, out: Path, t0: float, budget_s, meta, init=None
 ):
@@ -185,12 +200,10 @@ def train_unet(
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
         labels = rel_of[rows]
-        if args.aux_relation and bool((labels >= 0).any()):
-            keep = labels >= 0
-            logits = head(cond[keep].mean(dim=1))
-            aux = F.cross_entropy(logits, labels[keep])
-            aux_acc.append(float((logits.argmax(-1) == labels[keep]).float().mean()))
-            loss = loss + args.aux_relation * aux
+        aux = relation_aux_loss(head, cond, labels) if args.aux_relation else None
+        if aux is not None:
+            aux_acc.append(aux[1])
+            loss = loss + args.aux_relation * aux[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,14 +311,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load_init(path: Path, meta: dict, t0: float) -> tuple:
-    """(vae, (text_encoder, unet, scheduler), tokenizer) of a saved pipeline, in fp32, to continue training."""
-    from diffusers import StableDiffusionPipeline
-
+def _check_init_from(path: Path) -> None:
     if not (path / "model_index.json").is_file():
         raise SystemExit(
             f"--init-from {path}: no model_index.json there; give a save_pretrained pipeline directory"
         )
+
+
+def _load_init(path: Path, meta: dict, t0: float) -> tuple:
+    """(vae, (text_encoder, unet, scheduler), tokenizer) of a saved pipeline, in fp32, to continue training."""
+    from diffusers import StableDiffusionPipeline
+
+    _check_init_from(path)
     pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
     cfg = path / "train_config.json"
     meta["init_config"] = json.loads(cfg.read_text()) if cfg.is_file() else None
@@ -326,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_from is not None:
         export_pipeline(Path(args.export_from), Path(args.out), fp16=not args.fp32)
         return
+    if args.init_from is not None:  # before minutes of data generation, not after
+        _check_init_from(Path(args.init_from))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
