@@ -9,7 +9,8 @@ through every step) and prints the hard detector's full / shapes / relation rate
 same prompts with other noise, every 4 updates.
 
     THREADS=1 python bench/shapes_text_encoder_probe.py SEED {unet,te,both} \
-        [PROMPTS=16 UPDATES=12 STEPS=20 LR=3e-4 TELR=3e-4 as environment variables]
+        [PROMPTS=16 UPDATES=12 STEPS=20 LR=3e-4 TELR=3e-4 MODEL=shapes-base REL_WEIGHT=0.333 as environment
+         variables; MODEL=shapes-base-order probes the base whose text encoder keeps the order (session 25)]
 
 The text encoder's conditioning (and the CFG negative, the empty prompt) is recomputed with gradients every
 minibatch; prompt weighting is off (exploration is off in the `shapes_alignprop` preset).
@@ -18,6 +19,7 @@ Measured: docs/results.md, "Relations: a trainable text encoder".
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -79,11 +81,13 @@ def main() -> None:
     env = os.environ.get
     n, updates, steps = int(env("PROMPTS", "16")), int(env("UPDATES", "12")), int(env("STEPS", "20"))
     lr = float(env("LR", "3e-4"))
+    soft = {"name": "shapes_soft", "options": {"rel_scale": 8.0, "rel_weight": float(env("REL_WEIGHT", str(1 / 3)))}}
     torch.set_num_threads(int(env("THREADS", "1")))
     cfg = load_config("shapes_alignprop", [f"train.samples_per_epoch={n}", f"train.prompts_per_epoch={n}",
                                            f"algorithm.gradient_accumulation={max(1, n // 8)}", f"sampling.num_steps={steps}",
                                            f"algorithm.alignprop.truncation=[{steps},{steps}]", f"algorithm.learning_rate={lr}",
-                                           f"train.seed={seed}"])  # fmt: skip
+                                           f"train.seed={seed}", f"model.pretrained={env('MODEL', 'shapes-base')}",
+                                           f"reward.terms={json.dumps([soft])}"])  # fmt: skip
     learner = AlignPropLearner(cfg)
     unet_params = list(learner.params)
     if mode in ("te", "both"):
