@@ -4,7 +4,7 @@ guidance 5, eta 0 (bench/shapes_quality.py's sampler), on the `shapes_pairs` pro
   per-prompt  K images per prompt: each prompt's rate of the right relation among images whose two objects
               were both found. If the order were a per-prompt rule (always the first-named object on the left,
               say), the rates would sit near 0 and 1; if it is a coin flip per image, they spread only as
-              binomial noise around the mean (std sqrt(p(1-p)/K)).
+              binomial noise around the mean (std sqrt(p(1-p)/K)). --guidance G scores images at CFG scale G.
   supervised  continue the base model's own training (epsilon loss on ground-truth pair scenes, UNet and text
               encoder, every weight trainable, AdamW, 10% caption dropout) for --minutes, and score K images
               per prompt before and every --every minutes. Direct supervision is the strongest signal there
@@ -60,9 +60,9 @@ def order_figures(images: torch.Tensor, prompts: list[str]) -> dict:
     }
 
 
-def per_prompt(pipe, prompts: list[str], k: int, seed: int) -> dict:
+def per_prompt(pipe, prompts: list[str], k: int, seed: int, guidance: float = 5.0) -> dict:
     allp = [p for p in prompts for _ in range(k)]
-    images = sample(pipe, allp, 5.0, seed, 20)
+    images = sample(pipe, allp, guidance, seed, 20)
     s = score_scenes(images, allp)
     d0, d1 = s.detections
     found = (d0.found * d1.found).bool().view(len(prompts), k)
@@ -265,6 +265,7 @@ def main() -> None:
                     help="supervised: train on scenes of these pair captions only and score them alone (memorise)")
     ap.add_argument("--prompts", default="shapes_pairs", choices=["shapes_pairs", "shapes_pairs_heldout"],
                     help="the prompt set to score (per-prompt, supervised)")
+    ap.add_argument("--guidance", type=float, default=5.0, help="per-prompt: the CFG scale of the scored images")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--save", type=Path, default=None, help="supervised: save the trained pipeline (fp32) here")
     args = ap.parse_args()
@@ -280,7 +281,7 @@ def main() -> None:
     if args.probe == "loss-gap":
         out = loss_gap(pipe, args.scenes, args.seed)
     elif args.probe == "per-prompt":
-        out = per_prompt(pipe, prompts, args.k, args.seed)
+        out = {"guidance": args.guidance, **per_prompt(pipe, prompts, args.k, args.seed, args.guidance)}
     else:
         out = supervised(pipe, prompts, args)
     if args.probe != "supervised":
