@@ -79,7 +79,7 @@ def main() -> None:
     t = cfg.sampling.num_steps
     results = {}
     print(f"{'window':>10} {'steps':>6} {'|g|^2':>10} {'signal |mu|^2':>14} {'+-SE':>9} {'SNR/sample':>10} "
-          f"{'N for cos 0.5':>14} {'mean cos':>8}")  # fmt: skip
+          f"{'N for cos 0.5':>14} {'at least':>9} {'mean cos':>8}")  # fmt: skip
     for w in args.windows.split(","):
         lo, hi = (float(x) for x in w.split("-"))
         idx = list(range(int(lo * t), max(int(lo * t) + 1, round(hi * t))))
@@ -95,11 +95,13 @@ def main() -> None:
         noise_per_sample = (float(sq.mean()) - signal) * n
         snr = signal / noise_per_sample if noise_per_sample > 0 else float("nan")
         n_half = noise_per_sample / signal if signal > 0 else float("inf")
+        # with the signal taken at most 2 SE above its estimate (and at least 0): the batch N_half is at least this
+        n_half_low = noise_per_sample / (max(signal, 0.0) + 2 * se) if se > 0 else float("nan")
         results[w] = {"steps": len(idx), "grad_sq": float(sq.mean()), "signal": signal, "signal_se": se,
-                      "snr_per_sample": snr, "n_for_cos_half": n_half, "mean_cos": float(cos.mean()),
-                      "seconds": time.perf_counter() - t1}  # fmt: skip
+                      "snr_per_sample": snr, "n_for_cos_half": n_half, "n_for_cos_half_at_least": n_half_low,
+                      "mean_cos": float(cos.mean()), "seconds": time.perf_counter() - t1}  # fmt: skip
         print(f"{w:>10} {len(idx):6d} {float(sq.mean()):10.3e} {signal:14.3e} {se:9.2e} {snr:10.2e} "
-              f"{n_half:14.0f} {float(cos.mean()):8.3f}", flush=True)  # fmt: skip
+              f"{n_half:14.0f} {n_half_low:9.0f} {float(cos.mean()):8.3f}", flush=True)  # fmt: skip
     print("A signal within about 2 SE of 0 means no direction was detectable with these batches.")
     if args.json:
         Path(args.json).write_text(json.dumps({"batches": args.batches, "samples": n, "windows": results}, indent=1))
