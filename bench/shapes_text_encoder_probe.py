@@ -9,8 +9,9 @@ through every step) and prints the hard detector's full / shapes / relation rate
 same prompts with other noise, every 4 updates.
 
     THREADS=1 python bench/shapes_text_encoder_probe.py SEED {unet,te,both} \
-        [PROMPTS=16 UPDATES=12 STEPS=20 LR=3e-4 TELR=3e-4 MODEL=shapes-base REL_WEIGHT=0.333 as environment
-         variables; MODEL=shapes-base-order probes the base whose text encoder keeps the order (session 25)]
+        [PROMPTS=16 UPDATES=12 STEPS=20 LR=3e-4 TELR=3e-4 MODEL=shapes-base REL_WEIGHT (the preset's 1/3 when
+         unset) as environment variables; MODEL=shapes-base-order probes the base whose text encoder keeps the
+         order (session 25)]
 
 The text encoder's conditioning (and the CFG negative, the empty prompt) is recomputed with gradients every
 minibatch; prompt weighting is off (exploration is off in the `shapes_alignprop` preset).
@@ -81,13 +82,15 @@ def main() -> None:
     env = os.environ.get
     n, updates, steps = int(env("PROMPTS", "16")), int(env("UPDATES", "12")), int(env("STEPS", "20"))
     lr = float(env("LR", "3e-4"))
-    soft = {"name": "shapes_soft", "options": {"rel_scale": 8.0, "rel_weight": float(env("REL_WEIGHT", str(1 / 3)))}}
+    overrides = [f"model.pretrained={env('MODEL', 'shapes-base')}"]
+    if env("REL_WEIGHT"):  # otherwise the preset's shapes_soft term as it is
+        soft = {"name": "shapes_soft", "options": {"rel_scale": 8.0, "rel_weight": float(env("REL_WEIGHT"))}}
+        overrides.append(f"reward.terms={json.dumps([soft])}")
     torch.set_num_threads(int(env("THREADS", "1")))
     cfg = load_config("shapes_alignprop", [f"train.samples_per_epoch={n}", f"train.prompts_per_epoch={n}",
                                            f"algorithm.gradient_accumulation={max(1, n // 8)}", f"sampling.num_steps={steps}",
                                            f"algorithm.alignprop.truncation=[{steps},{steps}]", f"algorithm.learning_rate={lr}",
-                                           f"train.seed={seed}", f"model.pretrained={env('MODEL', 'shapes-base')}",
-                                           f"reward.terms={json.dumps([soft])}"])  # fmt: skip
+                                           f"train.seed={seed}", *overrides])  # fmt: skip
     learner = AlignPropLearner(cfg)
     unet_params = list(learner.params)
     if mode in ("te", "both"):

@@ -319,10 +319,10 @@ def _check_init_from(path: Path) -> None:
 
 
 def _load_init(path: Path, meta: dict, t0: float) -> tuple:
-    """(vae, (text_encoder, unet, scheduler), tokenizer) of a saved pipeline, in fp32, to continue training."""
+    """(vae, (text_encoder, unet, scheduler), tokenizer) of a saved pipeline, in fp32, to continue training
+    (main has checked the directory with _check_init_from before generating data)."""
     from diffusers import StableDiffusionPipeline
 
-    _check_init_from(path)
     pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
     cfg = path / "train_config.json"
     meta["init_config"] = json.loads(cfg.read_text()) if cfg.is_file() else None
