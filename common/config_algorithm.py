@@ -79,11 +79,27 @@ class RWRConfig(_Strict):
     timesteps_per_sample: int = Field(
         4, ge=1, description="Noise levels drawn per kept sample per pass (each one UNet forward, no CFG)."
     )
+    guided: bool = Field(
+        False,
+        description="Regress the classifier-free guided prediction eps_u + s (eps_c - eps_u), at the sampler's "
+        "sampling.guidance_scale s, instead of the conditional one: the denoiser trained is the one the policy "
+        "samples with, so guidance does not compound what the conditional branch learned from guided samples "
+        "(two UNet passes per pair). Excludes uncond_fraction.",
+    )
     condition: Literal["plain", "sampled"] = Field(
         "plain",
         description="plain: regress on the plain prompt's conditioning (what the reward judged); sampled: on the "
         "trajectory's own, possibly re-weighted, conditioning.",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> RWRConfig:
+        if self.guided and self.uncond_fraction > 0:
+            raise ValueError(
+                "guided=true trains the unconditional branch through the guided prediction already; set "
+                f"uncond_fraction=0 (got {self.uncond_fraction:g})"
+            )
+        return self
 
 
 class AlgorithmConfig(_Strict):

@@ -13,7 +13,10 @@ The weights come from the same per-prompt advantages as DDPO's (the learner's st
   rejection-sampling fine-tune on the better samples of each prompt, which skips the rest entirely).
 
 `min_reward` also drops every sample below an absolute reward, and `uncond_fraction` trains that share
-of the pairs with the CFG negative instead of the prompt (caption dropout). With `ema_decay` the module
+of the pairs with the CFG negative instead of the prompt (caption dropout). With `guided` the regressed
+prediction is the classifier-free guided one, eps_u + s (eps_c - eps_u) at the sampling scale s: the
+samples came from that denoiser, so fitting it (rather than the conditional branch alone, which guidance
+then extrapolates further at sampling time) keeps the policy that samples next the one that was trained. With `ema_decay` the module
 holds an exponential moving average of the trained weights between updates (what the samplers get and
 checkpoints keep), and the raw weights are swapped back in for the next update.
 
@@ -32,6 +35,7 @@ import torch
 
 from common.config import RunConfig
 from common.exploration import parse_prompt
+from common.sampling import guided_noise_pred
 from common.trajectory import TrajectoryBatch
 from learner.ddpo import DDPOLearner
 
@@ -165,7 +169,12 @@ class RWRLearner(DDPOLearner):
                     for k, v in self.uncond.items():
                         c[k][drop] = v.to(c[k].device, c[k].dtype).expand(int(drop.sum()), *v.shape[1:])
                 c = {k: v.to(self.model.device) for k, v in c.items()}
-                pred = self.model.predict(xt.to(self.model.device), t.to(self.model.device), c)
+                dev = self.model.device
+                if r.guided:  # the policy's own denoiser: both halves of the CFG pair, at the sampling scale
+                    scale = torch.full((len(t),), float(self.cfg.sampling.guidance_scale))
+                    pred = guided_noise_pred(self.model, xt.to(dev), t.to(dev), c, self.uncond, scale)
+                else:
+                    pred = self.model.predict(xt.to(dev), t.to(dev), c)
                 mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
                 wl = w[rows].to(pred.device) * mse
                 # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is

@@ -185,3 +185,47 @@ def test_ema_is_published_and_training_continues_from_the_raw_weights(tiny_cfg, 
     for p, e in zip(ema.params, expect):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(p, s) for p, s in zip(ema.params, start))
+
+
+def _guided_loss(learner, x0, prompts, scale, seed=123):
+    """The guided prediction's noise error on x0 at fixed noise and timesteps (8 per sample)."""
+    from common.sampling import guided_noise_pred
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = x0.repeat_interleave(8, 0)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = learner.alphas_cumprod[t].view(-1, 1, 1, 1)
+    cond = learner.model.condition([parse_prompt(p) for p in prompts for _ in range(8)])
+    with torch.no_grad():
+        pred = guided_noise_pred(learner.model, a.sqrt() * x0 + (1 - a).sqrt() * eps, t, cond, learner.uncond,
+                                 torch.full((len(t),), scale))  # fmt: skip
+    return float(((pred - eps) ** 2).mean())
+
+
+def test_guided_regresses_the_policys_own_denoiser(tiny_cfg, scored_batch):
+    """guided=true fits the CFG-combined prediction: at guidance 1 that is the conditional prediction, so the
+    update equals the plain one; at the sampler's guidance 5 it differs, and updates on the kept samples lower
+    the guided error on them more than conditional updates do (the denoiser the policy samples with)."""
+    def trained(*overrides, steps=1, grads=None):
+        learner = _learner(_cfg(tiny_cfg, "algorithm.learning_rate=3e-3", *overrides))
+        step = learner._step
+        if grads is not None:  # the first optimizer step's gradient (Adam's step would amplify rounding)
+            learner._step = lambda: grads.append(torch.cat([p.grad.flatten() for p in learner.params])) or step()
+        for _ in range(steps):
+            learner.train(scored_batch)
+        return learner
+
+    g_plain, g_guided = [], []
+    trained("sampling.guidance_scale=1.0", grads=g_plain)
+    trained("sampling.guidance_scale=1.0", "algorithm.rwr.guided=true", grads=g_guided)
+    assert float(g_plain[0].abs().max()) > 0
+    torch.testing.assert_close(g_guided[0], g_plain[0], atol=1e-5 * float(g_plain[0].abs().max()), rtol=0)
+    plain, guided = (trained("sampling.guidance_scale=5.0", *g, steps=6) for g in ([], ["algorithm.rwr.guided=true"]))
+    assert max(float((a - b).abs().max()) for a, b in zip(plain.params, guided.params)) > 1e-3
+    good, prompts = scored_batch.latents[0::2, -1], scored_batch.prompts[0::2]
+    before = _guided_loss(_learner(_cfg(tiny_cfg)), good, prompts, 5.0)
+    after = {k: _guided_loss(lr, good, prompts, 5.0) for k, lr in (("plain", plain), ("guided", guided))}
+    assert after["guided"] < before and after["guided"] < after["plain"], (before, after)
+    with pytest.raises(ValueError, match="uncond_fraction=0"):
+        _cfg(tiny_cfg, "algorithm.rwr.guided=true", "algorithm.rwr.uncond_fraction=0.1")
