@@ -86,6 +86,13 @@ class RWRConfig(_Strict):
         "samples with, so guidance does not compound what the conditional branch learned from guided samples "
         "(two UNet passes per pair). Excludes uncond_fraction.",
     )
+    guided_scale: float | None = Field(
+        None,
+        gt=0,
+        description="guided=true: the scale of the regressed prediction; None = sampling.guidance_scale. 1 is the "
+        "conditional branch (plain RWR). On Shapes fitting at the sampling scale shrank eps_c - eps_u and the conditional "
+        "branch alone grew it (docs/results.md); a scale between trades the two.",
+    )
     condition: Literal["plain", "sampled"] = Field(
         "plain",
         description="plain: regress on the plain prompt's conditioning (what the reward judged); sampled: on the "

@@ -171,7 +171,8 @@ class RWRLearner(DDPOLearner):
                 c = {k: v.to(self.model.device) for k, v in c.items()}
                 dev = self.model.device
                 if r.guided:  # the policy's own denoiser: both halves of the CFG pair, at the sampling scale
-                    scale = torch.full((len(t),), float(self.cfg.sampling.guidance_scale))
+                    s = r.guided_scale if r.guided_scale is not None else self.cfg.sampling.guidance_scale
+                    scale = torch.full((len(t),), float(s))
                     pred = guided_noise_pred(self.model, xt.to(dev), t.to(dev), c, self.uncond, scale)
                 else:
                     pred = self.model.predict(xt.to(dev), t.to(dev), c)

@@ -216,11 +216,13 @@ def test_guided_regresses_the_policys_own_denoiser(tiny_cfg, scored_batch):
             learner.train(scored_batch)
         return learner
 
-    g_plain, g_guided = [], []
+    g_plain, g_guided, g_scale1 = [], [], []
     trained("sampling.guidance_scale=1.0", grads=g_plain)
     trained("sampling.guidance_scale=1.0", "algorithm.rwr.guided=true", grads=g_guided)
+    trained("algorithm.rwr.guided=true", "algorithm.rwr.guided_scale=1.0", grads=g_scale1)  # sampling stays at 5
     assert float(g_plain[0].abs().max()) > 0
-    torch.testing.assert_close(g_guided[0], g_plain[0], atol=1e-5 * float(g_plain[0].abs().max()), rtol=0)
+    for g in (g_guided, g_scale1):
+        torch.testing.assert_close(g[0], g_plain[0], atol=1e-5 * float(g_plain[0].abs().max()), rtol=0)
     plain, guided = (trained("sampling.guidance_scale=5.0", *g, steps=6) for g in ([], ["algorithm.rwr.guided=true"]))
     assert max(float((a - b).abs().max()) for a, b in zip(plain.params, guided.params)) > 1e-3
     good, prompts = scored_batch.latents[0::2, -1], scored_batch.prompts[0::2]
