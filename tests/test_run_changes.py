@@ -1,0 +1,49 @@
+"""bench/run_changes.py: the last paired changes of each run, and the t-interval over a group of seeds."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.run_changes import last_changes, main, t_interval
+
+
+def _run(root: Path, name: str, full: float, rel: float) -> Path:
+    d = root / name
+    d.mkdir()
+    rows = [
+        {"epoch": 0, "reward_queries": 0},
+        {"eval_reward_queries": 384, "eval_shapes_pairs_shapes_full_change_mean": 9.0,
+         "eval_shapes_pairs_shapes_full_change_ci95": 9.0},  # an earlier evaluation: ignored
+        {"epoch": 1, "reward_queries": 768},
+        {"eval_reward_queries": 768, "eval_shapes_pairs_shapes_full_change_mean": full,
+         "eval_shapes_pairs_shapes_full_change_ci95": 0.05, "eval_shapes_pairs_shapes_relation_change_mean": rel,
+         "eval_shapes_pairs_shapes_relation_change_ci95": 0.04},
+    ]  # fmt: skip
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_last_evaluation_and_t_interval(tmp_path, capsys):
+    for i, (f, r) in enumerate([(0.042, 0.017), (0.054, 0.037), (0.029, 0.017)]):
+        _run(tmp_path, f"arm-s{i}", f, r)
+    queries, changes = last_changes(tmp_path / "arm-s1")
+    assert queries == 768 and changes == {"full": (0.054, 0.05), "relation": (0.037, 0.04)}
+    mean, half = t_interval([0.042, 0.054, 0.029])
+    sd = math.sqrt(((0.042 - mean) ** 2 + (0.054 - mean) ** 2 + (0.029 - mean) ** 2) / 2)
+    assert mean == pytest.approx(0.041667, abs=1e-6) and half == pytest.approx(4.303 * sd / math.sqrt(3))
+    main([str(tmp_path / "arm-s?")])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and "full +0.054 +- 0.050" in out[1]
+    assert f"full +0.042 +- {half:.3f}" in out[3] and "3 runs" in out[3]
+
+
+def test_a_run_without_paired_changes_is_named(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
+    with pytest.raises(SystemExit, match="empty: no evaluation with paired changes"):
+        last_changes(d)
+    with pytest.raises(SystemExit, match="no run directory matches"):
+        main([str(tmp_path / "nothing-*")])
