@@ -77,7 +77,7 @@ class RWRConfig(_Strict):
         "guidance at sampling time does not compound what the conditional branch learned from guided samples.",
     )
     timesteps_per_sample: int = Field(
-        4, ge=1, description="Noise levels drawn per kept sample per pass (each one UNet forward, no CFG)."
+        4, ge=1, description="Noise levels drawn per kept sample per pass (each one UNet forward; two with guided)."
     )
     guided: bool = Field(
         False,
@@ -106,6 +106,8 @@ class RWRConfig(_Strict):
                 "guided=true trains the unconditional branch through the guided prediction already; set "
                 f"uncond_fraction=0 (got {self.uncond_fraction:g})"
             )
+        if self.guided_scale is not None and not self.guided:
+            raise ValueError("guided_scale applies to the guided prediction; set guided=true or drop guided_scale")
         return self
 
 

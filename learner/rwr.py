@@ -14,10 +14,11 @@ The weights come from the same per-prompt advantages as DDPO's (the learner's st
 
 `min_reward` also drops every sample below an absolute reward, and `uncond_fraction` trains that share
 of the pairs with the CFG negative instead of the prompt (caption dropout). With `guided` the regressed
-prediction is the classifier-free guided one, eps_u + s (eps_c - eps_u) at the sampling scale s: the
-samples came from that denoiser, so fitting it (rather than the conditional branch alone, which guidance
-then extrapolates further at sampling time) keeps the policy that samples next the one that was trained. With `ema_decay` the module
-holds an exponential moving average of the trained weights between updates (what the samplers get and
+prediction is the classifier-free guided one, eps_u + s (eps_c - eps_u) at the sampling scale s (or
+`guided_scale`): the samples came from that denoiser, so fitting it, rather than the conditional branch
+alone (which guidance then extrapolates further at sampling time), trains the policy that samples next.
+On Shapes the first shrinks eps_c - eps_u and the second grows it (docs/results.md). With `ema_decay` the
+module holds an exponential moving average of the trained weights between updates (what the samplers get and
 checkpoints keep), and the raw weights are swapped back in for the next update.
 
 Its gradient is a supervised regression target per sample, so its variance does not grow with the

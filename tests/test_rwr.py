@@ -231,3 +231,5 @@ def test_guided_regresses_the_policys_own_denoiser(tiny_cfg, scored_batch):
     assert after["guided"] < before and after["guided"] < after["plain"], (before, after)
     with pytest.raises(ValueError, match="uncond_fraction=0"):
         _cfg(tiny_cfg, "algorithm.rwr.guided=true", "algorithm.rwr.uncond_fraction=0.1")
+    with pytest.raises(ValueError, match="set guided=true"):
+        _cfg(tiny_cfg, "algorithm.rwr.guided_scale=2.0")
