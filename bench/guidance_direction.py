@@ -7,8 +7,8 @@ for the base policy and each run's last checkpoint this prints, relative to |eps
 - |D(caption) - D(mirror)| = |eps_c - eps_mirror|: the part of it that depends on the order of the pair
   (the caption with left/right or above/below swapped).
 
-Session 27 (docs/results.md): RWR that regresses the conditional branch on guided samples grows both, and
-with guidance 5 on top the objects degrade; regressing the guided prediction shrinks both, and the order is lost.
+Session 27 (docs/results.md): RWR that regresses the conditional branch on guided samples grows both;
+regressing the guided prediction at the sampling scale shrinks both, and the order is lost.
 
     python bench/guidance_direction.py runs/sweeps/ob_rwr/full-w01-s0 runs/sweeps/ob_rwrg/g-i1-s0
 """

@@ -91,7 +91,7 @@ class RWRConfig(_Strict):
         gt=0,
         description="guided=true: the scale of the regressed prediction; None = sampling.guidance_scale. 1 is the "
         "conditional branch (plain RWR). On Shapes fitting at the sampling scale shrank eps_c - eps_u and the conditional "
-        "branch alone grew it (docs/results.md); a scale between trades the two.",
+        "branch alone grew it; no scale from 1 to 5 improved the model there (docs/results.md).",
     )
     condition: Literal["plain", "sampled"] = Field(
         "plain",
