@@ -21,19 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SWAPS = (("to the left of", "to the right of"), ("above", "below"))
-
-
-def mirror(prompt: str) -> str:
-    """The caption with its relation reversed (left <-> right, above <-> below)."""
-    for a, b in SWAPS:
-        if a in prompt:
-            return prompt.replace(a, b)
-        if b in prompt:
-            return prompt.replace(b, a)
-    raise ValueError(f"no relation to mirror in {prompt!r}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories; the first's config gives the base model")
@@ -45,6 +32,7 @@ def main() -> None:
     import torch
 
     from bench.runs import base_weights
+    from bench.shapes_order import order_variants
     from common.config import load_config
     from common.exploration import parse_prompt
     from common.prompts import load_prompts
@@ -67,7 +55,7 @@ def main() -> None:
     @torch.no_grad()
     def stats(label: str) -> None:
         c = m.condition([parse_prompt(p) for p in prompts])
-        cm = m.condition([parse_prompt(mirror(p)) for p in prompts])
+        cm = m.condition([parse_prompt(order_variants(p)["swapped"]) for p in prompts])
         u = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in m.negative().items()}
         cells = []
         for t in ts:

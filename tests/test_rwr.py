@@ -8,6 +8,7 @@ import torch
 from common.config import apply_override, validate_config
 from common.exploration import parse_prompt
 from common.rollouts import RolloutGenerator
+from common.sampling import guided_noise_pred
 from learner.rwr import RWRLearner, rwr_weights
 
 
@@ -66,16 +67,21 @@ def test_only_the_kept_samples_shape_the_update(tiny_cfg, scored_batch):
     assert (update(kept)[0] - base).abs().max() > 1e-6
 
 
-def _denoising_loss(learner, x0, prompts, seed=123):
-    """The model's noise-prediction error on x0 at fixed noise and timesteps (one per sample)."""
+def _denoising_loss(learner, x0, prompts, seed=123, scale=None):
+    """The model's noise-prediction error on x0 at fixed noise and timesteps (8 per sample): of the conditional
+    prediction, or with `scale` of the classifier-free guided one at that scale."""
     g = torch.Generator().manual_seed(seed)
     x0 = x0.repeat_interleave(8, 0)
     t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     a = learner.alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
     cond = learner.model.condition([parse_prompt(p) for p in prompts for _ in range(8)])
     with torch.no_grad():
-        pred = learner.model.predict(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, cond)
+        if scale is None:
+            pred = learner.model.predict(xt, t, cond)
+        else:
+            pred = guided_noise_pred(learner.model, xt, t, cond, learner.uncond, torch.full((len(t),), scale))
     return float(((pred - eps) ** 2).mean())
 
 
@@ -187,22 +193,6 @@ def test_ema_is_published_and_training_continues_from_the_raw_weights(tiny_cfg, 
     assert any(not torch.equal(p, s) for p, s in zip(ema.params, start))
 
 
-def _guided_loss(learner, x0, prompts, scale, seed=123):
-    """The guided prediction's noise error on x0 at fixed noise and timesteps (8 per sample)."""
-    from common.sampling import guided_noise_pred
-
-    g = torch.Generator().manual_seed(seed)
-    x0 = x0.repeat_interleave(8, 0)
-    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    a = learner.alphas_cumprod[t].view(-1, 1, 1, 1)
-    cond = learner.model.condition([parse_prompt(p) for p in prompts for _ in range(8)])
-    with torch.no_grad():
-        pred = guided_noise_pred(learner.model, a.sqrt() * x0 + (1 - a).sqrt() * eps, t, cond, learner.uncond,
-                                 torch.full((len(t),), scale))  # fmt: skip
-    return float(((pred - eps) ** 2).mean())
-
-
 def test_guided_regresses_the_policys_own_denoiser(tiny_cfg, scored_batch):
     """guided=true fits the CFG-combined prediction: at guidance 1 that is the conditional prediction, so the
     update equals the plain one; at the sampler's guidance 5 it differs, and updates on the kept samples lower
@@ -226,8 +216,8 @@ def test_guided_regresses_the_policys_own_denoiser(tiny_cfg, scored_batch):
     plain, guided = (trained("sampling.guidance_scale=5.0", *g, steps=6) for g in ([], ["algorithm.rwr.guided=true"]))
     assert max(float((a - b).abs().max()) for a, b in zip(plain.params, guided.params)) > 1e-3
     good, prompts = scored_batch.latents[0::2, -1], scored_batch.prompts[0::2]
-    before = _guided_loss(_learner(_cfg(tiny_cfg)), good, prompts, 5.0)
-    after = {k: _guided_loss(lr, good, prompts, 5.0) for k, lr in (("plain", plain), ("guided", guided))}
+    before = _denoising_loss(_learner(_cfg(tiny_cfg)), good, prompts, scale=5.0)
+    after = {k: _denoising_loss(lr, good, prompts, scale=5.0) for k, lr in (("plain", plain), ("guided", guided))}
     assert after["guided"] < before and after["guided"] < after["plain"], (before, after)
     with pytest.raises(ValueError, match="uncond_fraction=0"):
         _cfg(tiny_cfg, "algorithm.rwr.guided=true", "algorithm.rwr.uncond_fraction=0.1")
