@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import sys
 from pathlib import Path
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.runs import seed_mean_ci
+
 COLUMNS = (
     ("full", "eval_shapes_pairs_shapes_full"),
     ("relation", "eval_shapes_pairs_shapes_relation"),
@@ -41,14 +43,6 @@ def last_changes(run: Path) -> tuple[int, dict[str, tuple[float, float]]]:
     return int(last.get("eval_reward_queries", -1)), out
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, 95% half-width) with t on n - 1 degrees of freedom."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T95[n - 1] * sd / math.sqrt(n)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="+", help="a glob of run directories per group (quote it)")
@@ -69,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             cells = []
             for name, v in per.items():
                 if len(v) == len(runs):
-                    mean, half = t_interval(v)
+                    mean, half = seed_mean_ci(v)
                     cells.append(f"{name} {mean:+.3f} +- {half:.3f}")
             print(f"  {pattern}, {len(runs)} runs (t-interval): " + " | ".join(cells))
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.run_changes import last_changes, main, t_interval
+from bench.run_changes import last_changes, main
+from bench.runs import seed_mean_ci
 
 
 def _run(root: Path, name: str, full: float, rel: float) -> Path:
@@ -30,7 +31,7 @@ def test_last_evaluation_and_t_interval(tmp_path, capsys):
         _run(tmp_path, f"arm-s{i}", f, r)
     queries, changes = last_changes(tmp_path / "arm-s1")
     assert queries == 768 and changes == {"full": (0.054, 0.05), "relation": (0.037, 0.04)}
-    mean, half = t_interval([0.042, 0.054, 0.029])
+    mean, half = seed_mean_ci([0.042, 0.054, 0.029])
     sd = math.sqrt(((0.042 - mean) ** 2 + (0.054 - mean) ** 2 + (0.029 - mean) ** 2) / 2)
     assert mean == pytest.approx(0.041667, abs=1e-6) and half == pytest.approx(4.303 * sd / math.sqrt(3))
     main([str(tmp_path / "arm-s?")])
