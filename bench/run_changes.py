@@ -6,6 +6,11 @@ each run's metrics.jsonl and prints one line per run and, for each group of two 
 one arm), the mean change with its 95% t-interval over runs (t with n - 1 degrees of freedom):
 
     python bench/run_changes.py "runs/sweeps/ob_aprw/rw067-s?" "runs/sweeps/ob_aprw/rw067-diffexp-s?"
+
+`--diversity` also measures the diversity of each run's final evaluation images of its first evaluation set
+(bench/study.py's diversity_at_end: per-prompt position spread in px and mean pairwise RMS pixel distance; the
+runs of one protocol share the evaluation noise, so arms compare on the same noise). Runs keep no images of the
+base policy, so this compares arms, not a run with its base.
 """
 
 from __future__ import annotations
@@ -43,9 +48,23 @@ def last_changes(run: Path) -> tuple[int, dict[str, tuple[float, float]]]:
     return int(last.get("eval_reward_queries", -1)), out
 
 
+DIVERSITY = ("position_spread", "pixel_distance")
+
+
+def final_diversity(run: Path) -> dict[str, float]:
+    """bench/study.py's diversity_at_end of the run, the DIVERSITY metrics only."""
+    from bench.study import diversity_at_end
+
+    div = diversity_at_end(run)
+    if not div:
+        raise SystemExit(f"{run}: no final evaluation images in samples/ (was the run stopped before its end?)")
+    return {k: div[k] for k in DIVERSITY}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="+", help="a glob of run directories per group (quote it)")
+    ap.add_argument("--diversity", action="store_true", help="also the change in diversity of the final images")
     args = ap.parse_args(argv)
     for pattern in args.groups:
         runs = sorted(Path(p) for p in glob.glob(pattern))
@@ -58,13 +77,18 @@ def main(argv: list[str] | None = None) -> None:
             for name, (m, ci) in changes.items():
                 per.setdefault(name, []).append(m)
                 cells.append(f"{name} {m:+.3f} +- {ci:.3f}")
+            if args.diversity:
+                for key, v in final_diversity(run).items():
+                    per.setdefault(key, []).append(v)
+                    cells.append(f"{key} {v:.4g}")
             print(f"{run} ({queries} queries): " + " | ".join(cells))
         if len(runs) > 1:
             cells = []
             for name, v in per.items():
                 if len(v) == len(runs):
                     mean, half = seed_mean_ci(v)
-                    cells.append(f"{name} {mean:+.3f} +- {half:.3f}")
+                    cells.append(f"{name} {mean:.4g} +- {half:.2g}" if name in DIVERSITY
+                                 else f"{name} {mean:+.3f} +- {half:.3f}")
             print(f"  {pattern}, {len(runs)} runs (t-interval): " + " | ".join(cells))
 
 

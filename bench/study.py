@@ -47,19 +47,16 @@ ARMS: dict[str, list[str]] = {
 }
 
 
-def diversity_at_end(run: Path) -> dict[str, float]:
-    """Mean per-prompt diversity of the final evaluation images of the first evaluation set, and the
-    fraction of those images with an extra object (recomputed here, so every run is measured alike)."""
+def image_diversity(file: Path) -> dict[str, float]:
+    """Mean per-prompt diversity of the evaluation images in one samples file (RunDir's safetensors), and the
+    fraction of those images with an extra object; {} when no prompt has two images."""
     import torch
 
     from common.shapes.detect import extra_objects
     from common.shapes.diversity import mean_diversity, prompt_diversity
     from learner.run_dir import RunDir
 
-    files = sorted((run / "samples").glob("*_final*.safetensors"))
-    if not files:
-        return {}
-    images, prompts = RunDir.load_eval_images(files[0])
+    images, prompts = RunDir.load_eval_images(file)
     images = images.float() / 255
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -68,6 +65,13 @@ def diversity_at_end(run: Path) -> dict[str, float]:
     if not per:
         return {}
     return {**mean_diversity(per), "extra_objects": float(extra_objects(images, prompts).mean())}
+
+
+def diversity_at_end(run: Path) -> dict[str, float]:
+    """image_diversity of the final evaluation images of the run's first evaluation set (recomputed here, so
+    every run is measured alike)."""
+    files = sorted((run / "samples").glob("*_final*.safetensors"))
+    return image_diversity(files[0]) if files else {}
 
 
 def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:

@@ -48,3 +48,33 @@ def test_a_run_without_paired_changes_is_named(tmp_path):
         last_changes(d)
     with pytest.raises(SystemExit, match="no run directory matches"):
         main([str(tmp_path / "nothing-*")])
+
+
+def _final_images(run: Path, images, prompts) -> None:
+    from safetensors.torch import save_file
+
+    (run / "samples").mkdir()
+    save_file({"images": images}, str(run / "samples" / "epoch_0024_final_shapes_pairs.safetensors"),
+              metadata={"prompts": json.dumps(prompts)})  # fmt: skip
+
+
+def test_diversity_of_the_final_images(tmp_path, capsys):
+    import torch
+
+    from common.shapes.diversity import pairwise_pixel_distance
+
+    prompts = ["a red circle to the left of a blue square"] * 3 + ["a green triangle above a red square"] * 3
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8)
+    same = varied[:1].repeat(6, 1, 1, 1)  # every image identical: no pixel distance
+    _final_images(_run(tmp_path, "arm-s0", 0.1, 0.0), varied, prompts)
+    _final_images(_run(tmp_path, "arm-s1", 0.1, 0.0), same, prompts)
+    want = sum(pairwise_pixel_distance(varied[i : i + 3].float() / 255) for i in (0, 3)) / 2
+    main(["--diversity", str(tmp_path / "arm-s?")])
+    out = capsys.readouterr().out.splitlines()
+    assert f"pixel_distance {want:.4g}" in out[0] and "pixel_distance 0 " not in out[0]
+    assert out[1].endswith("pixel_distance 0")
+    mean, half = seed_mean_ci([want, 0.0])
+    assert f"pixel_distance {mean:.4g} +- {half:.2g}" in out[2]
+    with pytest.raises(SystemExit, match="arm-s2: no final evaluation images"):
+        main(["--diversity", str(_run(tmp_path, "arm-s2", 0.1, 0.0))])
