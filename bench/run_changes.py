@@ -11,6 +11,9 @@ one arm), the mean change with its 95% t-interval over runs (t with n - 1 degree
 (bench/study.py's diversity_at_end: per-prompt position spread in px and mean pairwise RMS pixel distance; the
 runs of one protocol share the evaluation noise, so arms compare on the same noise). Runs keep no images of the
 base policy, so this compares arms, not a run with its base.
+
+`--plot PNG` draws one panel per column named in `--plot-columns`: each group's runs as dots and their mean
+with the 95% t-interval, the groups labelled by their glob without the directory and the seed suffix.
 """
 
 from __future__ import annotations
@@ -61,11 +64,57 @@ def final_diversity(run: Path) -> dict[str, float]:
     return {k: div[k] for k in DIVERSITY}
 
 
+def group_label(pattern: str) -> str:
+    """'runs/sweeps/ob_aprw/rw067-diffexp-s?' -> 'rw067-diffexp'."""
+    name = Path(pattern).name
+    for tail in ("-s?", "-s*", "-s[0-9]", "*"):
+        if name.endswith(tail) and len(name) > len(tail):
+            return name[: -len(tail)]
+    return name
+
+
+def plot(groups: dict[str, dict[str, list[float]]], columns: list[str], path: Path) -> None:
+    """One panel per column: each group's per-run values as dots and their mean with the 95% t-interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 1, 3.4), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        for i, (label, per) in enumerate(groups.items()):
+            vals = per.get(col, [])
+            if not vals:
+                continue
+            ax.scatter([i] * len(vals), vals, s=14, color="0.55", zorder=2)
+            if len(vals) > 1:
+                mean, half = seed_mean_ci(vals)
+                ax.errorbar([i + 0.15], [mean], yerr=[half], fmt="o", color="C0", capsize=4, zorder=3)
+        if col not in DIVERSITY:
+            ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=8)
+        ax.set_title(col if col in DIVERSITY else f"{col}: change from base", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="+", help="a glob of run directories per group (quote it)")
     ap.add_argument("--diversity", action="store_true", help="also the change in diversity of the final images")
+    ap.add_argument("--plot", type=Path, help="write a PNG of the chosen columns per group")
+    ap.add_argument("--plot-columns", default="full,held-out full",
+                    help="comma-separated column names for --plot (e.g. 'full,held-out full,pixel_distance')")
     args = ap.parse_args(argv)
+    known = [name for name, _ in COLUMNS] + list(DIVERSITY)
+    columns = [c.strip() for c in args.plot_columns.split(",") if c.strip()]
+    bad = [c for c in columns if c not in known]
+    if args.plot and bad:
+        raise SystemExit(f"--plot-columns: unknown column(s) {bad}; known: {', '.join(known)}")
+    if args.plot and any(c in DIVERSITY for c in columns) and not args.diversity:
+        raise SystemExit("--plot-columns names a diversity column; add --diversity")
+    groups: dict[str, dict[str, list[float]]] = {}
     for pattern in args.groups:
         runs = sorted(Path(p) for p in glob.glob(pattern))
         if not runs:
@@ -90,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
                     cells.append(f"{name} {mean:.4g} +- {half:.2g}" if name in DIVERSITY
                                  else f"{name} {mean:+.3f} +- {half:.3f}")
             print(f"  {pattern}, {len(runs)} runs (t-interval): " + " | ".join(cells))
+        groups[group_label(pattern)] = per
+    if args.plot:
+        plot(groups, columns, args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,20 @@ def test_diversity_of_the_final_images(tmp_path, capsys):
     assert f"pixel_distance {mean:.4g} +- {half:.2g}" in out[2]
     with pytest.raises(SystemExit, match="arm-s2: no final evaluation images"):
         main(["--diversity", str(_run(tmp_path, "arm-s2", 0.1, 0.0))])
+
+
+def test_plot_of_the_groups(tmp_path):
+    from bench.run_changes import group_label
+
+    assert group_label("runs/sweeps/ob_aprw/rw067-diffexp-s?") == "rw067-diffexp"
+    assert group_label("runs/x/plain-s*") == "plain" and group_label("runs/x/one-run") == "one-run"
+    for i, f in enumerate([0.04, 0.05]):
+        _run(tmp_path, f"a-s{i}", f, 0.0)
+        _run(tmp_path, f"b-s{i}", -f, 0.0)
+    png = tmp_path / "changes.png"
+    main([str(tmp_path / "a-s?"), str(tmp_path / "b-s?"), "--plot", str(png), "--plot-columns", "full,relation"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="unknown column"):
+        main([str(tmp_path / "a-s?"), "--plot", str(png), "--plot-columns", "fulll"])
+    with pytest.raises(SystemExit, match="add --diversity"):
+        main([str(tmp_path / "a-s?"), "--plot", str(png), "--plot-columns", "pixel_distance"])
