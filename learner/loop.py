@@ -147,6 +147,8 @@ class Trainer:
             base = self.run.load_eval_base(name, len(prompts))
             if base is None and res.policy_version == 0:
                 self.run.save_eval_base(name, scores)
+                # and its images, so that what training did to diversity can be measured on the same noise
+                self.run.save_eval_images(f"eval_base_{name}.images", res.images, prompts)
             stats = {k: mean_ci(v) for k, v in scores.items()}
             if base is not None:
                 stats.update(

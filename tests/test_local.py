@@ -31,6 +31,12 @@ def test_local_backend_evaluates_the_current_policy_and_stays_on_policy(tiny_cfg
             assert abs(r[f"eval_{s}_reward_change_mean"] - (r[f"eval_{s}_reward_mean"] - base)) < 1e-5
             assert r[f"eval_{s}_reward_change_ci95"] > 0
     run = RunDir(tmp_path)
+    # the base policy's evaluation images are kept beside its scores: same prompts and noise as the final ones
+    for s in ("animals", "tiny_animals"):
+        base_img, base_prompts = RunDir.load_eval_images(run.samples_dir / f"eval_base_{s}.images.safetensors")
+        final_img, final_prompts = RunDir.load_eval_images(run.samples_dir / f"epoch_0003_final_{s}.safetensors")
+        assert base_prompts == final_prompts and base_img.shape == final_img.shape
+        assert not base_img.equal(final_img)  # the policy moved
     lora, _state, counters = run.load_checkpoint(run.latest_checkpoint())
     assert counters == {"epoch": 3, "reward_queries": 24, "policy_version": 3}
     assert system.learner.checksum() == lora_checksum(lora)
