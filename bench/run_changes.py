@@ -9,8 +9,8 @@ one arm), the mean change with its 95% t-interval over runs (t with n - 1 degree
 
 `--diversity` also measures the diversity of each run's final evaluation images of its first evaluation set
 (bench/study.py's diversity_at_end: per-prompt position spread in px and mean pairwise RMS pixel distance; the
-runs of one protocol share the evaluation noise, so arms compare on the same noise). Runs keep no images of the
-base policy, so this compares arms, not a run with its base.
+runs of one protocol share the evaluation noise, so arms compare on the same noise), and of the base policy's
+images on that noise where the run kept them (runs since session 28), as "base -> final".
 
 `--plot PNG` draws one panel per column named in `--plot-columns`: each group's runs as dots and their mean
 with the 95% t-interval, the groups labelled by their glob without the directory and the seed suffix.
@@ -54,14 +54,20 @@ def last_changes(run: Path) -> tuple[int, dict[str, tuple[float, float]]]:
 DIVERSITY = ("position_spread", "pixel_distance")
 
 
-def final_diversity(run: Path) -> dict[str, float]:
-    """bench/study.py's diversity_at_end of the run, the DIVERSITY metrics only."""
-    from bench.study import diversity_at_end
+def final_diversity(run: Path) -> dict[str, tuple[float | None, float]]:
+    """{metric: (base, final)}: the diversity (bench/study.py's image_diversity) of the run's final evaluation
+    images of its first evaluation set, and of the base policy's images of that set and noise when the run
+    kept them (samples/eval_base_<set>.images.safetensors; runs before that was kept: None)."""
+    from bench.study import image_diversity
 
-    div = diversity_at_end(run)
-    if not div:
+    finals = sorted((run / "samples").glob("*_final_*.safetensors"))
+    if not finals:
         raise SystemExit(f"{run}: no final evaluation images in samples/ (was the run stopped before its end?)")
-    return {k: div[k] for k in DIVERSITY}
+    final = image_diversity(finals[0])
+    set_name = finals[0].name.split("_final_", 1)[1].removesuffix(".safetensors")
+    base_file = run / "samples" / f"eval_base_{set_name}.images.safetensors"
+    base = image_diversity(base_file) if base_file.is_file() else {}
+    return {k: (base.get(k), final[k]) for k in DIVERSITY}
 
 
 def group_label(pattern: str) -> str:
@@ -93,7 +99,7 @@ def plot(groups: dict[str, dict[str, list[float]]], columns: list[str], path: Pa
         if col not in DIVERSITY:
             ax.axhline(0, color="0.3", lw=0.8)
         ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=8)
-        ax.set_title(col if col in DIVERSITY else f"{col}: change from base", fontsize=9)
+        ax.set_title(col if col in DIVERSITY or col.endswith(" change") else f"{col}: change from base", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -107,12 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot-columns", default="full,held-out full",
                     help="comma-separated column names for --plot (e.g. 'full,held-out full,pixel_distance')")
     args = ap.parse_args(argv)
-    known = [name for name, _ in COLUMNS] + list(DIVERSITY)
+    diversity_columns = list(DIVERSITY) + [f"{d} change" for d in DIVERSITY]
+    known = [name for name, _ in COLUMNS] + diversity_columns
     columns = [c.strip() for c in args.plot_columns.split(",") if c.strip()]
     bad = [c for c in columns if c not in known]
     if args.plot and bad:
         raise SystemExit(f"--plot-columns: unknown column(s) {bad}; known: {', '.join(known)}")
-    if args.plot and any(c in DIVERSITY for c in columns) and not args.diversity:
+    if args.plot and any(c in diversity_columns for c in columns) and not args.diversity:
         raise SystemExit("--plot-columns names a diversity column; add --diversity")
     groups: dict[str, dict[str, list[float]]] = {}
     for pattern in args.groups:
@@ -127,16 +134,21 @@ def main(argv: list[str] | None = None) -> None:
                 per.setdefault(name, []).append(m)
                 cells.append(f"{name} {m:+.3f} +- {ci:.3f}")
             if args.diversity:
-                for key, v in final_diversity(run).items():
+                for key, (b, v) in final_diversity(run).items():
                     per.setdefault(key, []).append(v)
-                    cells.append(f"{key} {v:.4g}")
+                    if b is None:
+                        cells.append(f"{key} {v:.4g}")
+                    else:
+                        per.setdefault(f"{key} change", []).append(v - b)
+                        cells.append(f"{key} {b:.4g} -> {v:.4g}")
             print(f"{run} ({queries} queries): " + " | ".join(cells))
         if len(runs) > 1:
             cells = []
             for name, v in per.items():
                 if len(v) == len(runs):
                     mean, half = seed_mean_ci(v)
-                    cells.append(f"{name} {mean:.4g} +- {half:.2g}" if name in DIVERSITY
+                    cells.append(f"{name} {mean:+.3g} +- {half:.2g}" if name.endswith(" change")
+                                 else f"{name} {mean:.4g} +- {half:.2g}" if name in DIVERSITY
                                  else f"{name} {mean:+.3f} +- {half:.3f}")
             print(f"  {pattern}, {len(runs)} runs (t-interval): " + " | ".join(cells))
         groups[group_label(pattern)] = per

@@ -50,12 +50,15 @@ def test_a_run_without_paired_changes_is_named(tmp_path):
         main([str(tmp_path / "nothing-*")])
 
 
-def _final_images(run: Path, images, prompts) -> None:
+def _final_images(run: Path, images, prompts, base=None) -> None:
     from safetensors.torch import save_file
 
     (run / "samples").mkdir()
-    save_file({"images": images}, str(run / "samples" / "epoch_0024_final_shapes_pairs.safetensors"),
-              metadata={"prompts": json.dumps(prompts)})  # fmt: skip
+    files = {"epoch_0024_final_shapes_pairs": images, "eval_base_shapes_pairs.images": base}
+    for name, img in files.items():
+        if img is not None:
+            save_file({"images": img}, str(run / "samples" / f"{name}.safetensors"),
+                      metadata={"prompts": json.dumps(prompts)})  # fmt: skip
 
 
 def test_diversity_of_the_final_images(tmp_path, capsys):
@@ -75,7 +78,15 @@ def test_diversity_of_the_final_images(tmp_path, capsys):
     assert f"pixel_distance {want:.4g}" in out[0] and "pixel_distance 0 " not in out[0]
     assert out[1].endswith("pixel_distance 0")
     mean, half = seed_mean_ci([want, 0.0])
-    assert f"pixel_distance {mean:.4g} +- {half:.2g}" in out[2]
+    assert f"pixel_distance {mean:.4g} +- {half:.2g}" in out[2] and "change" not in out[2]
+    # runs that kept the base policy's images on the same noise: base -> final, and the change over seeds
+    _final_images(_run(tmp_path, "kept-s0", 0.1, 0.0), same, prompts, base=varied)
+    _final_images(_run(tmp_path, "kept-s1", 0.1, 0.0), varied, prompts, base=varied)
+    main(["--diversity", str(tmp_path / "kept-s?")])
+    out = capsys.readouterr().out.splitlines()
+    assert f"pixel_distance {want:.4g} -> 0 " in out[0] + " " and f"pixel_distance {want:.4g} -> {want:.4g}" in out[1]
+    mean, half = seed_mean_ci([-want, 0.0])
+    assert f"pixel_distance change {mean:+.3g} +- {half:.2g}" in out[2]
     with pytest.raises(SystemExit, match="arm-s2: no final evaluation images"):
         main(["--diversity", str(_run(tmp_path, "arm-s2", 0.1, 0.0))])
 
