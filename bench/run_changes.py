@@ -60,13 +60,17 @@ def final_diversity(run: Path) -> dict[str, tuple[float | None, float]]:
     kept them (samples/eval_base_<set>.images.safetensors; runs before that was kept: None)."""
     from bench.study import image_diversity
 
-    finals = sorted((run / "samples").glob("*_final_*.safetensors"))
+    samples = run / "samples"
+    finals = sorted(samples.glob("*_final*.safetensors"))
     if not finals:
         raise SystemExit(f"{run}: no final evaluation images in samples/ (was the run stopped before its end?)")
     final = image_diversity(finals[0])
-    set_name = finals[0].name.split("_final_", 1)[1].removesuffix(".safetensors")
-    base_file = run / "samples" / f"eval_base_{set_name}.images.safetensors"
-    base = image_diversity(base_file) if base_file.is_file() else {}
+    if "_final_" in finals[0].name:  # several evaluation sets: the file names the set
+        set_name = finals[0].name.split("_final_", 1)[1].removesuffix(".safetensors")
+        kept = [samples / f"eval_base_{set_name}.images.safetensors"]
+    else:  # one evaluation set
+        kept = sorted(samples.glob("eval_base_*.images.safetensors"))
+    base = image_diversity(kept[0]) if len(kept) == 1 and kept[0].is_file() else {}
     return {k: (base.get(k), final[k]) for k in DIVERSITY}
 
 
