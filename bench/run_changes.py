@@ -13,7 +13,8 @@ runs of one protocol share the evaluation noise, so arms compare on the same noi
 images on that noise where the run kept them (runs since session 28), as "base -> final".
 
 `--plot PNG` draws one panel per column named in `--plot-columns`: each group's runs as dots and their mean
-with the 95% t-interval, the groups labelled by their glob without the directory and the seed suffix.
+with the 95% t-interval, each group labelled as given ('plain=runs/sweeps/x/ap-s?') or by its glob without the
+directory and the seed suffix.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def plot(groups: dict[str, dict[str, list[float]]], columns: list[str], path: Pa
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("groups", nargs="+", help="a glob of run directories per group (quote it)")
+    ap.add_argument("groups", nargs="+",
+                    help="a glob of run directories per group (quote it), optionally labelled: 'plain=runs/x/ap-s?'")
     ap.add_argument("--diversity", action="store_true", help="also the change in diversity of the final images")
     ap.add_argument("--plot", type=Path, help="write a PNG of the chosen columns per group")
     ap.add_argument("--plot-columns", default="full,held-out full",
@@ -126,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot and any(c in diversity_columns for c in columns) and not args.diversity:
         raise SystemExit("--plot-columns names a diversity column; add --diversity")
     groups: dict[str, dict[str, list[float]]] = {}
-    for pattern in args.groups:
+    for arg in args.groups:
+        label, sep, pattern = arg.partition("=")
+        if not sep or "/" in label:  # no label given (or an '=' inside the path)
+            label, pattern = "", arg
         runs = sorted(Path(p) for p in glob.glob(pattern))
         if not runs:
             raise SystemExit(f"no run directory matches {pattern!r}")
@@ -154,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                     cells.append(f"{name} {mean:+.3g} +- {half:.2g}" if name.endswith(" change")
                                  else f"{name} {mean:.4g} +- {half:.2g}" if name in DIVERSITY
                                  else f"{name} {mean:+.3f} +- {half:.3f}")
-            print(f"  {pattern}, {len(runs)} runs (t-interval): " + " | ".join(cells))
-        groups[group_label(pattern)] = per
+            print(f"  {label or group_label(pattern)} ({pattern}, {len(runs)} runs, t-interval): " + " | ".join(cells))
+        groups[label or group_label(pattern)] = per
     if args.plot:
         plot(groups, columns, args.plot)
         print(f"wrote {args.plot}")

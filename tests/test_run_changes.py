@@ -91,7 +91,7 @@ def test_diversity_of_the_final_images(tmp_path, capsys):
         main(["--diversity", str(_run(tmp_path, "arm-s2", 0.1, 0.0))])
 
 
-def test_plot_of_the_groups(tmp_path):
+def test_plot_of_the_groups(tmp_path, capsys):
     from bench.run_changes import group_label
 
     assert group_label("runs/sweeps/ob_aprw/rw067-diffexp-s?") == "rw067-diffexp"
@@ -100,7 +100,9 @@ def test_plot_of_the_groups(tmp_path):
         _run(tmp_path, f"a-s{i}", f, 0.0)
         _run(tmp_path, f"b-s{i}", -f, 0.0)
     png = tmp_path / "changes.png"
-    main([str(tmp_path / "a-s?"), str(tmp_path / "b-s?"), "--plot", str(png), "--plot-columns", "full,relation"])
+    main([str(tmp_path / "a-s?"), f"lower={tmp_path / 'b-s?'}", "--plot", str(png), "--plot-columns", "full,relation"])
+    summaries = [line for line in capsys.readouterr().out.splitlines() if "t-interval" in line]
+    assert [line.split()[0] for line in summaries] == ["a", "lower"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="unknown column"):
         main([str(tmp_path / "a-s?"), "--plot", str(png), "--plot-columns", "fulll"])
