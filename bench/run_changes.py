@@ -12,6 +12,9 @@ one arm), the mean change with its 95% t-interval over runs (t with n - 1 degree
 runs of one protocol share the evaluation noise, so arms compare on the same noise), and of the base policy's
 images on that noise where the run kept them (runs since session 28), as "base -> final".
 
+`--versus LABEL` also prints each other group minus that group, run by run on the seeds both have (matched by
+the run directories' -s<N> suffix), with the t-interval over those seeds: the same-seed comparison of arms.
+
 `--plot PNG` draws one panel per column named in `--plot-columns`: each group's runs as dots and their mean
 with the 95% t-interval, each group labelled as given ('plain=runs/sweeps/x/ap-s?') or by its glob without the
 directory and the seed suffix.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("groups", nargs="+",
                     help="a glob of run directories per group (quote it), optionally labelled: 'plain=runs/x/ap-s?'")
     ap.add_argument("--diversity", action="store_true", help="also the change in diversity of the final images")
+    ap.add_argument("--versus", metavar="LABEL",
+                    help="also each other group minus this group, run by run on the seeds they share (the -s<N> "
+                    "suffix), with the t-interval over those seeds")
     ap.add_argument("--plot", type=Path, help="write a PNG of the chosen columns per group")
     ap.add_argument("--plot-columns", default="full,held-out full",
                     help="comma-separated column names for --plot (e.g. 'full,held-out full,pixel_distance')")
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot and any(c in diversity_columns for c in columns) and not args.diversity:
         raise SystemExit("--plot-columns names a diversity column; add --diversity")
     groups: dict[str, dict[str, list[float]]] = {}
+    by_seed: dict[str, dict[int, dict[str, float]]] = {}  # label -> seed -> column -> value
     for arg in args.groups:
         label, sep, pattern = arg.partition("=")
         if not sep or "/" in label:  # no label given (or an '=' inside the path)
@@ -138,19 +146,24 @@ def main(argv: list[str] | None = None) -> None:
         per: dict[str, list[float]] = {}
         for run in runs:
             queries, changes = last_changes(run)
-            cells = []
+            cells, this = [], {}
             for name, (m, ci) in changes.items():
-                per.setdefault(name, []).append(m)
+                this[name] = m
                 cells.append(f"{name} {m:+.3f} +- {ci:.3f}")
             if args.diversity:
                 for key, (b, v) in final_diversity(run).items():
-                    per.setdefault(key, []).append(v)
+                    this[key] = v
                     if b is None:
                         cells.append(f"{key} {v:.4g}")
                     else:
-                        per.setdefault(f"{key} change", []).append(v - b)
+                        this[f"{key} change"] = v - b
                         cells.append(f"{key} {b:.4g} -> {v:.4g}")
             print(f"{run} ({queries} queries): " + " | ".join(cells))
+            for k, v in this.items():
+                per.setdefault(k, []).append(v)
+            seed = re.search(r"-s(\d+)$", run.name)
+            if seed:
+                by_seed.setdefault(label or group_label(pattern), {})[int(seed.group(1))] = this
         if len(runs) > 1:
             cells = []
             for name, v in per.items():
@@ -161,6 +174,21 @@ def main(argv: list[str] | None = None) -> None:
                                  else f"{name} {mean:+.3f} +- {half:.3f}")
             print(f"  {label or group_label(pattern)} ({pattern}, {len(runs)} runs, t-interval): " + " | ".join(cells))
         groups[label or group_label(pattern)] = per
+    if args.versus:
+        if args.versus not in groups:
+            raise SystemExit(f"--versus {args.versus!r}: no such group; the groups are {', '.join(groups)}")
+        ref = by_seed.get(args.versus, {})
+        for name, runs_by_seed in by_seed.items():
+            shared = sorted(set(ref) & set(runs_by_seed))
+            if name == args.versus or len(shared) < 2:
+                continue
+            cells = []
+            for col in ref[shared[0]]:
+                if all(col in ref[s] and col in runs_by_seed[s] for s in shared):
+                    mean, half = seed_mean_ci([runs_by_seed[s][col] - ref[s][col] for s in shared])
+                    cells.append(f"{col} {mean:+.3g} +- {half:.2g}" if col in diversity_columns
+                                 else f"{col} {mean:+.3f} +- {half:.3f}")
+            print(f"  {name} - {args.versus}, same seed (seeds {shared}, t-interval): " + " | ".join(cells))
     if args.plot:
         plot(groups, columns, args.plot)
         print(f"wrote {args.plot}")

@@ -108,3 +108,16 @@ def test_plot_of_the_groups(tmp_path, capsys):
         main([str(tmp_path / "a-s?"), "--plot", str(png), "--plot-columns", "fulll"])
     with pytest.raises(SystemExit, match="add --diversity"):
         main([str(tmp_path / "a-s?"), "--plot", str(png), "--plot-columns", "pixel_distance"])
+
+
+def test_versus_a_group_pairs_the_runs_by_seed(tmp_path, capsys):
+    for s, (f, g) in enumerate([(0.04, 0.06), (0.05, 0.06), (0.03, 0.08)]):
+        _run(tmp_path, f"plain-s{s}", f, 0.0)
+        _run(tmp_path, f"cfg-s{s}", g, 0.0)
+    _run(tmp_path, "cfg-s7", 0.9, 0.0)  # no plain run of seed 7: left out of the pairing
+    main([f"plain={tmp_path / 'plain-s?'}", str(tmp_path / "cfg-s?"), "--versus", "plain"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    mean, half = seed_mean_ci([0.02, 0.01, 0.05])
+    assert line.startswith("  cfg - plain, same seed (seeds [0, 1, 2]") and f"full {mean:+.3f} +- {half:.3f}" in line
+    with pytest.raises(SystemExit, match="no such group"):
+        main([str(tmp_path / "cfg-s?"), "--versus", "plain"])
