@@ -79,6 +79,16 @@ def final_diversity(run: Path) -> dict[str, tuple[float | None, float]]:
     return {k: (base.get(k), final[k]) for k in DIVERSITY}
 
 
+def interval_cell(col: str, mean: float, half: float, difference: bool = False) -> str:
+    """One 'column mean +- half' cell: rates to 3 decimals; diversity to 3-4 digits, signed when it is a change
+    or a `difference` of two arms."""
+    if col in DIVERSITY and not difference:
+        return f"{col} {mean:.4g} +- {half:.2g}"
+    if col in DIVERSITY or col.endswith(" change"):
+        return f"{col} {mean:+.3g} +- {half:.2g}"
+    return f"{col} {mean:+.3f} +- {half:.3f}"
+
+
 def group_label(pattern: str) -> str:
     """'runs/sweeps/ob_aprw/rw067-diffexp-s?' -> 'rw067-diffexp'."""
     name = Path(pattern).name
@@ -140,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         label, sep, pattern = arg.partition("=")
         if not sep or "/" in label:  # no label given (or an '=' inside the path)
             label, pattern = "", arg
+        label = label or group_label(pattern)
         runs = sorted(Path(p) for p in glob.glob(pattern))
         if not runs:
             raise SystemExit(f"no run directory matches {pattern!r}")
@@ -163,17 +174,14 @@ def main(argv: list[str] | None = None) -> None:
                 per.setdefault(k, []).append(v)
             seed = re.search(r"-s(\d+)$", run.name)
             if seed:
-                by_seed.setdefault(label or group_label(pattern), {})[int(seed.group(1))] = this
+                by_seed.setdefault(label, {})[int(seed.group(1))] = this
         if len(runs) > 1:
             cells = []
             for name, v in per.items():
                 if len(v) == len(runs):
-                    mean, half = seed_mean_ci(v)
-                    cells.append(f"{name} {mean:+.3g} +- {half:.2g}" if name.endswith(" change")
-                                 else f"{name} {mean:.4g} +- {half:.2g}" if name in DIVERSITY
-                                 else f"{name} {mean:+.3f} +- {half:.3f}")
-            print(f"  {label or group_label(pattern)} ({pattern}, {len(runs)} runs, t-interval): " + " | ".join(cells))
-        groups[label or group_label(pattern)] = per
+                    cells.append(interval_cell(name, *seed_mean_ci(v)))
+            print(f"  {label} ({pattern}, {len(runs)} runs, t-interval): " + " | ".join(cells))
+        groups[label] = per
     if args.versus:
         if args.versus not in groups:
             raise SystemExit(f"--versus {args.versus!r}: no such group; the groups are {', '.join(groups)}")
@@ -186,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             for col in ref[shared[0]]:
                 if all(col in ref[s] and col in runs_by_seed[s] for s in shared):
                     mean, half = seed_mean_ci([runs_by_seed[s][col] - ref[s][col] for s in shared])
-                    cells.append(f"{col} {mean:+.3g} +- {half:.2g}" if col in diversity_columns
-                                 else f"{col} {mean:+.3f} +- {half:.3f}")
+                    cells.append(interval_cell(col, mean, half, difference=True))
             print(f"  {name} - {args.versus}, same seed (seeds {shared}, t-interval): " + " | ".join(cells))
     if args.plot:
         plot(groups, columns, args.plot)
