@@ -96,3 +96,15 @@ def test_paper_preset_without_its_weights_stops_with_the_file_to_supply(monkeypa
     monkeypatch.chdir(tmp_path)  # no sac+logos+ava1-l14-linearMSE.pth here
     with pytest.raises(RewardLoadError, match=r"reward 'aesthetic': option head_path='sac\+logos\+ava1-l14-linearMSE.pth': no such file"):
         preflight(load_config("sd15_aesthetic", ["model.pretrained=tiny"]))
+
+
+def test_shapes_order_preset_is_the_measured_recipe():
+    """`shapes_order` must stay exactly the recipe docs/results.md measured (sessions 26-28): `shapes_alignprop`
+    on shapes-base-order with the relation weighted 2/3, so that its figures hold for the preset."""
+    measured = load_config(
+        "shapes_alignprop",
+        ["model.pretrained=shapes-base-order",
+         'reward.terms=[{"name":"shapes_soft","options":{"rel_scale":8,"rel_weight":0.667}}]'],
+    )
+    assert load_config("shapes_order") == measured
+    assert load_config("shapes_order") != load_config("shapes_alignprop")
