@@ -86,10 +86,12 @@ class LearnerActor(ActorProcess):
         batches, nonfinite = drop_nonfinite(batches, batches[0].epoch)
         version = self.learner.version
         fresh, dropped = split_stale(batches, version, self.cfg.replay.max_staleness)
+        before = self.learner.snapshot()
         if fresh:
             metrics = self.learner.train(TrajectoryBatch.concat(fresh).in_seed_order())
         else:
             metrics = {"policy_version": version}
+        metrics.update(self.learner.update_size(before))
         rewards = torch.cat([b.rewards for b in batches])
         for name in batches[0].reward_terms:  # each reward term on its own, beside the sum
             metrics[f"reward_{name}_mean"] = float(torch.cat([b.reward_terms[name] for b in batches]).mean())
@@ -108,7 +110,9 @@ class LearnerActor(ActorProcess):
     def train_prompts(self, prompts: list[str], seeds: list[int]) -> dict:
         """AlignProp: sample, score and backpropagate in the learner itself (the samplers serve evaluation)."""
         t0 = time.perf_counter()
+        before = self.learner.snapshot()
         m = self.learner.train_prompts(prompts, seeds)
+        m.update(self.learner.update_size(before))
         m.update(dropped_stale=0, staleness_max=0, time_learn=time.perf_counter() - t0)
         return m
 

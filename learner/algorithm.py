@@ -127,6 +127,17 @@ class LoRALearner:
     def checksum(self) -> str:
         return lora_checksum(lora_state(self.model.unet))
 
+    def snapshot(self) -> torch.Tensor:
+        """The LoRA weights as one flat copy, to measure an update against (`update_size`)."""
+        return torch.cat([p.detach().flatten() for p in self.params]).clone()
+
+    def update_size(self, before: torch.Tensor) -> dict[str, float]:
+        """How far the weights moved since `before` (a `snapshot`): `update_norm`, the L2 norm of the change.
+
+        approx_kl and clipfrac cannot show this when an epoch has one optimizer step (the ratio is 1 while the
+        gradient is taken), so this is the diagnostic of a policy that barely moves."""
+        return {"update_norm": float((self.snapshot() - before).norm())}
+
     def _step(self) -> float:
         self._allreduce_grads()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.algorithm.max_grad_norm)

@@ -56,11 +56,13 @@ class LocalSystem:
         prompts, seeds = inputs.prompts, inputs.seeds
         progress = progress or NoProgress()
         t0 = time.perf_counter()
+        before = self.learner.snapshot()
         if not self.learner.uses_rollouts:  # AlignProp: the learner samples and scores with gradients
             m = self.learner.train_prompts(
                 prompts, seeds, lambda n: progress.update(sampled=n, scored=n, trained=n)
             )
             m.pop("rewards")
+            m.update(self.learner.update_size(before))
             m.update(
                 dropped_stale=0,
                 staleness_max=0,
@@ -78,6 +80,7 @@ class LocalSystem:
         (batch,), nonfinite = drop_nonfinite([batch], inputs.epoch)
         t2 = time.perf_counter()
         m = self.learner.train(batch.in_seed_order(), on_progress=lambda n: progress.update(trained=n))
+        m.update(self.learner.update_size(before))
         m.update(
             {f"reward_{name}_mean": float(v.mean()) for name, v in batch.reward_terms.items()}
         )  # each term

@@ -286,6 +286,8 @@ class Trainer:
             if "approx_kl" in r
             else f"loss {r.get('loss', 0.0):+.4f} grad {r.get('grad_norm', 0.0):.2e}"
         )
+        if "update_norm" in r:  # how far the LoRA moved this epoch: the one sign of movement with one step an epoch
+            algo += f" upd {r['update_norm']:.1e}"
         return (
             f"epoch {r['epoch'] + 1}/{self.cfg.train.epochs} | queries {r['reward_queries']} | reward "
             f"{r['reward_mean']:+.4f} +- {r['reward_std']:.4f}{ev} | {algo} | v{r['policy_version']} | "

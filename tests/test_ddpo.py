@@ -136,3 +136,27 @@ def test_sgd_optimizer_follows_the_gradient_size(tiny_cfg, scored_batch):
         spread[name] = float(moved.median() / moved.max())
     assert isinstance(DDPOLearner(cfg).optimizer, torch.optim.SGD)
     assert spread["adamw"] > 0.5 and spread["sgd"] < 0.2, spread
+
+
+def test_update_size_shows_a_single_step_epoch_moving(tiny_cfg, scored_batch):
+    """With one optimizer step an epoch the PPO ratio is 1 while the gradient is taken, so approx_kl and clipfrac
+    are 0 whether or not the policy moved; update_norm is the L2 norm of the LoRA change, which for Adam's first
+    step (about lr per weight, whatever the gradient's size) scales with the learning rate."""
+    from common.config import apply_override, validate_config
+
+    norms = {}
+    for lr in (1e-4, 1e-3):
+        data = tiny_cfg.model_dump(mode="json")
+        for o in ("algorithm.gradient_accumulation=2", "algorithm.inner_epochs=1", f"algorithm.learning_rate={lr}"):
+            apply_override(data, o)
+        learner = DDPOLearner(validate_config(data))  # 8 samples, minibatch 4 x 2: one step
+        before = learner.snapshot()
+        w0 = [p.detach().clone() for p in learner.params]
+        m = learner.train(scored_batch)
+        m.update(learner.update_size(before))
+        assert m["approx_kl"] == 0 and m["clipfrac"] == 0
+        change = torch.cat([(p.detach() - w).flatten() for p, w in zip(learner.params, w0)]).norm()
+        assert abs(m["update_norm"] - float(change)) <= 1e-6 * max(float(change), 1.0)
+        norms[lr] = m["update_norm"]
+    assert 8 < norms[1e-3] / norms[1e-4] <= 10 + 1e-3, norms
+    assert learner.update_size(learner.snapshot()) == {"update_norm": 0.0}
