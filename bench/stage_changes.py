@@ -1,0 +1,103 @@
+"""The paired change of a two-stage fine-tune from the first stage's base model, image by image.
+
+A second stage starts from the first stage's LoRA fused into a new model (bench/merge_lora.py), so its own
+logged changes (`eval_*_change`) are relative to the first stage's policy. What was gained over the original
+base needs the first run's base scores (`samples/eval_base_<set>.safetensors`) paired with the second run's
+final images (`samples/epoch_*_final_<set>.safetensors`), which this script scores with the second run's
+evaluation reward. Both runs must share the evaluation protocol (the same prompts, images per prompt, noise,
+steps and guidance), so that image i is the same prompt and noise in both; a difference is an error naming
+the field.
+
+    python bench/stage_changes.py runs/first-stage runs/second-stage [more second stages of the same first]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROTOCOL = ("prompts.eval", "eval.seed", "eval.images_per_prompt", "eval.max_prompts", "sampling.num_steps",
+            "sampling.guidance_scale", "sampling.eta", "sampling.resolution")  # fmt: skip
+
+
+def _field(cfg, dotted: str):
+    v = cfg
+    for part in dotted.split("."):
+        v = getattr(v, part)
+    return v.model_dump() if hasattr(v, "model_dump") else v
+
+
+def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per evaluation set and metric: base (first run's base), final (second run's final images), the paired
+    difference's mean, its 95% CI (normal, over images) and n."""
+    from safetensors.torch import load_file
+
+    from common.config import load_config
+    from common.prompts import load_prompts
+    from rewards.combined import WeightedReward
+
+    c1, c2 = (load_config(str(Path(r) / "config.yaml")) for r in (first, second))
+    for f in PROTOCOL:
+        if _field(c1, f) != _field(c2, f):
+            raise SystemExit(f"{second}: {f} is {_field(c2, f)!r}, {first} has {_field(c1, f)!r}; "
+                             "the runs' evaluation images are not paired")  # fmt: skip
+    r1, r2 = (c.eval.reward or c.reward for c in (c1, c2))
+    if r1.model_dump()["terms"] != r2.model_dump()["terms"]:  # the batch size does not change a score
+        raise SystemExit(f"{second}: its evaluation reward differs from {first}'s; the scores do not compare")
+    merged = Path(c2.model.pretrained) / "merged_from.json"
+    if merged.is_file() and Path(json.loads(merged.read_text())["run"]).resolve() != Path(first).resolve():
+        raise SystemExit(f"{second} starts from {c2.model.pretrained}, merged from "
+                         f"{json.loads(merged.read_text())['run']}, not from {first}")  # fmt: skip
+    reward = WeightedReward(r2)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for src in c2.prompts.eval or [c2.prompts.train]:
+        prompts = [p for p in load_prompts(src)[: c2.eval.max_prompts] for _ in range(c2.eval.images_per_prompt)]
+        base_file = Path(first) / "samples" / f"eval_base_{src}.safetensors"
+        finals = sorted((Path(second) / "samples").glob(f"epoch_*_final_{src}.safetensors"))
+        if not base_file.is_file() or not finals:
+            raise SystemExit(f"missing {base_file if not base_file.is_file() else f'{second}/samples/epoch_*_final_{src}'}"
+                             " (runs keep them since session 28)")  # fmt: skip
+        base = load_file(str(base_file))
+        images = load_file(str(finals[-1]))["images"]
+        if images.shape[0] != len(prompts) or base["reward"].numel() != len(prompts):
+            raise SystemExit(f"{src}: {images.shape[0]} final images and {base['reward'].numel()} base scores "
+                             f"for {len(prompts)} evaluation prompts")  # fmt: skip
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        total, parts = reward(x, prompts, details=True)
+        scores = {"reward": total, **{k.replace("/", "_"): v for k, v in parts.items()}}
+        out[src] = {}
+        for k, v in scores.items():
+            if k not in base:
+                continue
+            d = v.double() - base[k].double()
+            n = d.numel()
+            out[src][k] = {"base": float(base[k].double().mean()), "final": float(v.double().mean()),
+                           "diff": float(d.mean()), "ci95": 1.96 * float(d.std()) / math.sqrt(n) if n > 1 else 0.0,
+                           "n": n}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("first", type=Path)
+    ap.add_argument("second", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for second in args.second:
+        print(f"{second} against the base of {args.first} (paired over images, 95% CI):")
+        for src, rows in stage_changes(args.first, second).items():
+            for k, r in rows.items():
+                print(f"  {src} {k}: {r['base']:.3f} -> {r['final']:.3f}, change {r['diff']:+.3f} +- {r['ci95']:.3f} "
+                      f"(n={r['n']})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""bench/stage_changes.py: a second stage's final images paired with the first stage's base scores."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bench.stage_changes import main, stage_changes
+from common.config import dump_config, load_config
+from common.prompts import load_prompts
+from common.shapes.scenes import make_scene
+
+OVERRIDES = ["prompts.eval=[shapes_pairs]", "eval.max_prompts=3", "eval.images_per_prompt=2"]
+
+
+def _run(root, name, extra=()):
+    d = root / name
+    (d / "samples").mkdir(parents=True)
+    (d / "config.yaml").write_text(dump_config(load_config("shapes_order", OVERRIDES + list(extra))))
+    return d
+
+
+def test_second_stage_is_paired_with_the_first_base(tmp_path, capsys):
+    prompts = [p for p in load_prompts("shapes_pairs")[:3] for _ in range(2)]
+    first, second = _run(tmp_path, "first"), _run(tmp_path, "second")
+    base = {k: torch.zeros(6) for k in ("reward", "shapes_full", "shapes_relation")}
+    base["shapes_full"][:2] = 1.0  # two images already right at the base: change 0 there, +1 on the other four
+    save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
+    rng = np.random.default_rng(0)
+    images = torch.stack([torch.from_numpy(make_scene(p, rng).image).permute(2, 0, 1) for p in prompts])
+    save_file({"images": images.contiguous()}, str(second / "samples" / "epoch_0024_final_shapes_pairs.safetensors"))
+
+    rows = stage_changes(first, second)["shapes_pairs"]
+    assert rows["shapes_full"]["final"] == 1.0 and rows["shapes_full"]["base"] == pytest.approx(2 / 6)
+    d = torch.tensor([0.0, 0, 1, 1, 1, 1], dtype=torch.float64)
+    assert rows["shapes_full"]["diff"] == pytest.approx(4 / 6)
+    assert rows["shapes_full"]["ci95"] == pytest.approx(1.96 * float(d.std()) / 6**0.5)
+    assert rows["shapes_relation"]["diff"] == 1.0 and rows["shapes_relation"]["n"] == 6
+    assert "shapes_colours" not in rows  # only what the first run's base file holds
+    main([str(first), str(second)])
+    assert "shapes_pairs shapes_full: 0.333 -> 1.000, change +0.667" in capsys.readouterr().out
+
+
+def test_runs_with_other_evaluation_noise_are_refused(tmp_path):
+    first, second = _run(tmp_path, "first"), _run(tmp_path, "second", ["eval.seed=7"])
+    with pytest.raises(SystemExit, match="eval.seed is 7"):
+        stage_changes(first, second)
+
+
+def test_another_evaluation_reward_is_refused_but_not_another_batch_size(tmp_path):
+    first = _run(tmp_path, "first", ["eval.reward.batch_size=64"])
+    second = _run(tmp_path, "second", ['eval.reward.terms=[{"name":"shapes_soft"}]'])
+    with pytest.raises(SystemExit, match="evaluation reward differs"):
+        stage_changes(first, second)
+    with pytest.raises(SystemExit, match="missing .*eval_base_shapes_pairs"):  # same reward: gets to the files
+        stage_changes(first, _run(tmp_path, "third"))
