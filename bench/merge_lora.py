@@ -55,25 +55,23 @@ def merge_lora(run: Path, out: Path, checkpoint: str | None = None, tolerance: f
     lora, learner_state, counters = rd.load_checkpoint(ckpt)
 
     policy = load_policy(cfg.model, cfg.lora)  # what the learner held: base + LoRA in our keys
+    c = policy.unet.config
+    if getattr(c, "addition_embed_type", None) == "text_time":  # before the second load and the fuse
+        raise SystemExit("merge_lora: SDXL-shaped UNets are not supported yet (the check needs their added conditions)")
     load_lora_state(policy.unet, lora)
     pipe = load_pipeline(cfg.model)
     pipe.load_lora_weights(str(ckpt))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
 
-    unet = pipe.unet
     g = torch.Generator().manual_seed(0)
-    c = unet.config
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
     x = torch.randn(4, c.in_channels, size, size, generator=g)
     t = torch.tensor([999, 700, 300, 10])
     cond = torch.randn(4, 8, c.cross_attention_dim, generator=g)
-    extra = {}
-    if getattr(c, "addition_embed_type", None) == "text_time":
-        raise SystemExit("merge_lora: SDXL-shaped UNets are not supported yet (the check needs their added conditions)")
     with torch.no_grad():
-        want = policy.unet(x, t, encoder_hidden_states=cond, **extra).sample
-        got = unet(x, t, encoder_hidden_states=cond, **extra).sample
+        want = policy.unet(x, t, encoder_hidden_states=cond).sample
+        got = pipe.unet(x, t, encoder_hidden_states=cond).sample
     rel = float((got - want).abs().max() / want.abs().max())
     log(f"{run} {ckpt.name} (reward queries {counters.get('reward_queries')}, version {learner_state['version']}): "
         f"fused UNet vs LoRA policy, max relative difference {rel:.2e}")  # fmt: skip

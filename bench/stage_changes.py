@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,10 +35,9 @@ def _field(cfg, dotted: str):
 def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, float]]]:
     """Per evaluation set and metric: base (first run's base), final (second run's final images), the paired
     difference's mean, its 95% CI (normal, over images) and n."""
-    from safetensors.torch import load_file
-
     from common.config import load_config
-    from common.prompts import load_prompts
+    from learner.loop import mean_ci
+    from learner.run_dir import RunDir
     from rewards.combined import WeightedReward
 
     c1, c2 = (load_config(str(Path(r) / "config.yaml")) for r in (first, second))
@@ -57,31 +53,26 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
         raise SystemExit(f"{second} starts from {c2.model.pretrained}, merged from "
                          f"{json.loads(merged.read_text())['run']}, not from {first}")  # fmt: skip
     reward = WeightedReward(r2)
+    first_run, second_run = RunDir(first), RunDir(second)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for src in c2.prompts.eval or [c2.prompts.train]:
-        prompts = [p for p in load_prompts(src)[: c2.eval.max_prompts] for _ in range(c2.eval.images_per_prompt)]
-        base_file = Path(first) / "samples" / f"eval_base_{src}.safetensors"
-        finals = sorted((Path(second) / "samples").glob(f"epoch_*_final_{src}.safetensors"))
+        base_file = first_run.samples_dir / f"eval_base_{src}.safetensors"
+        finals = sorted(second_run.samples_dir.glob(f"epoch_*_final_{src}.safetensors"))
         if not base_file.is_file() or not finals:
             raise SystemExit(f"missing {base_file if not base_file.is_file() else f'{second}/samples/epoch_*_final_{src}'}"
                              " (runs keep them since session 28)")  # fmt: skip
-        base = load_file(str(base_file))
-        images = load_file(str(finals[-1]))["images"]
-        if images.shape[0] != len(prompts) or base["reward"].numel() != len(prompts):
-            raise SystemExit(f"{src}: {images.shape[0]} final images and {base['reward'].numel()} base scores "
-                             f"for {len(prompts)} evaluation prompts")  # fmt: skip
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        total, parts = reward(x, prompts, details=True)
+        images, prompts = RunDir.load_eval_images(finals[-1])
+        base = first_run.load_eval_base(src, len(prompts))
+        if base is None:
+            raise SystemExit(f"{base_file}: not the {len(prompts)} per-image scores of {finals[-1].name}")
+        total, parts = reward(images.float() / 255, prompts, details=True)
         scores = {"reward": total, **{k.replace("/", "_"): v for k, v in parts.items()}}
         out[src] = {}
         for k, v in scores.items():
-            if k not in base:
-                continue
-            d = v.double() - base[k].double()
-            n = d.numel()
-            out[src][k] = {"base": float(base[k].double().mean()), "final": float(v.double().mean()),
-                           "diff": float(d.mean()), "ci95": 1.96 * float(d.std()) / math.sqrt(n) if n > 1 else 0.0,
-                           "n": n}  # fmt: skip
+            if k in base:
+                diff, _, ci95 = mean_ci(v.double() - base[k].double())
+                out[src][k] = {"base": float(base[k].double().mean()), "final": float(v.double().mean()),
+                               "diff": diff, "ci95": ci95, "n": v.numel()}  # fmt: skip
     return out
 
 

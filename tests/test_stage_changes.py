@@ -9,6 +9,8 @@ from bench.stage_changes import main, stage_changes
 from common.config import dump_config, load_config
 from common.prompts import load_prompts
 from common.shapes.scenes import make_scene
+from learner.loop import Z95
+from learner.run_dir import RunDir
 
 OVERRIDES = ["prompts.eval=[shapes_pairs]", "eval.max_prompts=3", "eval.images_per_prompt=2"]
 
@@ -28,13 +30,13 @@ def test_second_stage_is_paired_with_the_first_base(tmp_path, capsys):
     save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
     rng = np.random.default_rng(0)
     images = torch.stack([torch.from_numpy(make_scene(p, rng).image).permute(2, 0, 1) for p in prompts])
-    save_file({"images": images.contiguous()}, str(second / "samples" / "epoch_0024_final_shapes_pairs.safetensors"))
+    RunDir(second).save_eval_images("epoch_0024_final_shapes_pairs", images, prompts)  # as the loop keeps them
 
     rows = stage_changes(first, second)["shapes_pairs"]
     assert rows["shapes_full"]["final"] == 1.0 and rows["shapes_full"]["base"] == pytest.approx(2 / 6)
     d = torch.tensor([0.0, 0, 1, 1, 1, 1], dtype=torch.float64)
     assert rows["shapes_full"]["diff"] == pytest.approx(4 / 6)
-    assert rows["shapes_full"]["ci95"] == pytest.approx(1.96 * float(d.std()) / 6**0.5)
+    assert rows["shapes_full"]["ci95"] == pytest.approx(Z95 * float(d.std()) / 6**0.5)
     assert rows["shapes_relation"]["diff"] == 1.0 and rows["shapes_relation"]["n"] == 6
     assert "shapes_colours" not in rows  # only what the first run's base file holds
     main([str(first), str(second)])
