@@ -9,12 +9,20 @@ steps and guidance), so that image i is the same prompt and noise in both; a dif
 the field.
 
     python bench/stage_changes.py runs/first-stage runs/second-stage [more second stages of the same first]
+
+Seeds of a two-stage recipe each have their own first stage: name each pair with `--pair FIRST SECOND`. With
+two or more pairs it also prints, per evaluation set and metric, the mean change over the pairs with its 95%
+t-interval over pairs, and each pair's change in units of its own standard error over images (the form of
+the Shapes bar: every seed's gain above 2 SE):
+
+    python bench/stage_changes.py --pair runs/a-s0 runs/b-s0 --pair runs/a-s1 runs/b-s1 --pair runs/a-s2 runs/b-s2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -76,18 +84,55 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
     return out
 
 
+def _sign(x: float) -> float:
+    return (x > 0) - (x < 0)
+
+
+def over_pairs(results: list[dict[str, dict[str, dict[str, float]]]]) -> dict[str, dict[str, dict]]:
+    """Per evaluation set and metric that every pair has: the mean change over pairs, its 95% t-interval over
+    pairs, and each pair's change divided by its own standard error over images (ci95 / 1.96)."""
+    from bench.runs import seed_mean_ci
+    from learner.loop import Z95
+
+    out: dict[str, dict[str, dict]] = {}
+    for src in results[0]:
+        for k in results[0][src]:
+            rows = [r.get(src, {}).get(k) for r in results]
+            if any(r is None for r in rows):
+                continue
+            mean, half = seed_mean_ci([r["diff"] for r in rows])
+            ses = [r["diff"] / (r["ci95"] / Z95) if r["ci95"] > 0 else _sign(r["diff"]) * math.inf for r in rows]
+            out.setdefault(src, {})[k] = {"mean": mean, "ci95": half, "n": len(rows), "in_se": ses}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("first", type=Path)
-    ap.add_argument("second", type=Path, nargs="+")
+    ap.add_argument("runs", type=Path, nargs="*", help="FIRST SECOND [SECOND...]: second stages of one first")
+    ap.add_argument("--pair", type=Path, nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"))
     args = ap.parse_args(argv)
+    if len(args.runs) == 1:
+        ap.error("name a second stage after the first, or use --pair FIRST SECOND")
+    pairs = [(args.runs[0], s) for s in args.runs[1:]] + [tuple(p) for p in args.pair]
+    if not pairs:
+        ap.error("name FIRST SECOND, or --pair FIRST SECOND")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for second in args.second:
-        print(f"{second} against the base of {args.first} (paired over images, 95% CI):")
-        for src, rows in stage_changes(args.first, second).items():
+    results = []
+    for first, second in pairs:
+        print(f"{second} against the base of {first} (paired over images, 95% CI):")
+        results.append(stage_changes(first, second))
+        for src, rows in results[-1].items():
             for k, r in rows.items():
                 print(f"  {src} {k}: {r['base']:.3f} -> {r['final']:.3f}, change {r['diff']:+.3f} +- {r['ci95']:.3f} "
                       f"(n={r['n']})")  # fmt: skip
+    if len(results) > 1:
+        print(f"over the {len(results)} pairs (mean change, 95% t-interval over pairs; "
+              "each pair's change in its own SEs):")  # fmt: skip
+        for src, rows in over_pairs(results).items():
+            for k, r in rows.items():
+                ses = ", ".join(f"{x:+.1f}" for x in r["in_se"])
+                print(f"  {src} {k}: {r['mean']:+.3f} +- {r['ci95']:.3f}; per pair {ses} SE"
+                      f"{' (all above 2)' if min(r['in_se']) > 2 else ''}")  # fmt: skip
 
 
 if __name__ == "__main__":

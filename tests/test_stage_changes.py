@@ -56,3 +56,29 @@ def test_another_evaluation_reward_is_refused_but_not_another_batch_size(tmp_pat
         stage_changes(first, second)
     with pytest.raises(SystemExit, match="missing .*eval_base_shapes_pairs"):  # same reward: gets to the files
         stage_changes(first, _run(tmp_path, "third"))
+
+
+def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys):
+    """Each seed has its own first stage; --pair gives each pair's change and the t-interval over pairs."""
+    prompts = [p for p in load_prompts("shapes_pairs")[:3] for _ in range(2)]
+    rng = np.random.default_rng(0)
+    images = torch.stack([torch.from_numpy(make_scene(p, rng).image).permute(2, 0, 1) for p in prompts])
+    args, diffs = [], []
+    for seed, right_at_base in enumerate((2, 3, 4)):
+        first, second = _run(tmp_path, f"first-s{seed}"), _run(tmp_path, f"second-s{seed}")
+        base = {k: torch.zeros(6) for k in ("reward", "shapes_full")}
+        base["shapes_full"][:right_at_base] = 1.0
+        save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
+        RunDir(second).save_eval_images("epoch_0024_final_shapes_pairs", images, prompts)
+        args += ["--pair", str(first), str(second)]
+        diffs.append(1 - right_at_base / 6)
+    main(args)
+    out = capsys.readouterr().out
+    mean = sum(diffs) / 3
+    half = 4.303 * float(torch.tensor(diffs, dtype=torch.float64).std()) / 3**0.5  # t(0.975, 2)
+    assert "over the 3 pairs" in out
+    assert f"shapes_pairs shapes_full: {mean:+.3f} +- {half:.3f}; per pair" in out
+    d = torch.tensor([0.0] * 4 + [1.0] * 2, dtype=torch.float64)  # seed 2's paired differences
+    assert f"{(2 / 6) / (float(d.std()) / 6**0.5):+.1f} SE" in out  # its change in its own standard errors
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "first-s0")])  # a first stage alone names no pair
