@@ -15,6 +15,7 @@ the dashboard's Metrics tab shows them once Prometheus and Grafana are set up as
 | diffexp_staleness_max | policy lag: versions between the trajectories trained on and the learner |
 | diffexp_weight_sync_ms | the last weight broadcast and verification, milliseconds |
 | diffexp_dropped_total {reason} | samples dropped: stale, nonfinite |
+| diffexp_learner {metric} | the update's health: update_norm (L2 norm of the LoRA's change), approx_kl, clipfrac, loss, grad_norm (those the algorithm logs) |
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ GAUGES = {
     ),
     "diffexp_staleness_max": ("Policy lag: most versions between a trained trajectory and the learner", ()),
     "diffexp_weight_sync_ms": ("Duration of the last weight broadcast and verification, ms", ()),
+    "diffexp_learner": (
+        "The last epoch's update: update_norm (L2 norm of the LoRA's change), approx_kl, clipfrac, loss, grad_norm",
+        ("metric",),
+    ),
 }
+# the learner's metrics that say whether, and how far, the policy moved (DDPO logs approx_kl and clipfrac, AlignProp
+# loss and grad_norm; both update_norm)
+LEARNER_METRICS = ("update_norm", "approx_kl", "clipfrac", "loss", "grad_norm")
 
 
 class RunMetrics:
@@ -58,6 +66,8 @@ class RunMetrics:
         self._set("diffexp_staleness_max", row.get("staleness_max"))
         if sync_ms is not None:
             self._set("diffexp_weight_sync_ms", sync_ms)
+        for metric in LEARNER_METRICS:
+            self._set("diffexp_learner", row.get(metric), metric=metric)
         for stage, depth in queue_depths.items():
             self._set("diffexp_queue_depth", depth, stage=stage)
         for reason in ("stale", "nonfinite"):

@@ -42,6 +42,8 @@ def test_run_metrics_reach_the_prometheus_export(ray_session, tiny_cfg, tmp_path
         ("diffexp_queue_depth", (("stage", "scored"),)): 0.0,
         ("diffexp_eval_reward_mean", (("eval_set", "tiny_animals"),)): final["eval_tiny_animals_reward_mean"],
         ("diffexp_eval_reward_mean", (("eval_set", "animals"),)): final["eval_animals_reward_mean"],
+        ("diffexp_learner", (("metric", "update_norm"),)): last["update_norm"],
+        ("diffexp_learner", (("metric", "approx_kl"),)): last["approx_kl"],
     }
     def close(a, b) -> bool:
         return a is not None and abs(a - b) <= 1e-4 * max(1.0, abs(b))
@@ -63,5 +65,6 @@ def test_run_metrics_reach_the_prometheus_export(ray_session, tiny_cfg, tmp_path
     for k, v in want.items():
         assert got[k] is not None, f"{k} not exported; diffexp lines: {re.findall(r'ray_diffexp.*', text)[:20]}"
         assert close(got[k], v), (k, got[k], v)
+    assert last["update_norm"] > 0  # the tiny run's LoRA moved, so the gauge shows a real update
     sync = _value(text, "diffexp_weight_sync_ms", run="metrics-test")
     assert sync is not None and 0 < sync < 60_000
