@@ -63,11 +63,13 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
     reward = WeightedReward(r2)
     first_run, second_run = RunDir(first), RunDir(second)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for src in c2.prompts.eval or [c2.prompts.train]:
+    sources = c2.prompts.eval or [c2.prompts.train]
+    for src in sources:
         base_file = first_run.samples_dir / f"eval_base_{src}.safetensors"
-        finals = sorted(second_run.samples_dir.glob(f"epoch_*_final_{src}.safetensors"))
+        final = f"epoch_*_final{f'_{src}' if len(sources) > 1 else ''}"  # as the loop names them
+        finals = sorted(second_run.samples_dir.glob(f"{final}.safetensors"))
         if not base_file.is_file() or not finals:
-            raise SystemExit(f"missing {base_file if not base_file.is_file() else f'{second}/samples/epoch_*_final_{src}'}"
+            raise SystemExit(f"missing {base_file if not base_file.is_file() else f'{second}/samples/{final}'}"
                              " (runs keep them since session 28)")  # fmt: skip
         images, prompts = RunDir.load_eval_images(finals[-1])
         base = first_run.load_eval_base(src, len(prompts))
@@ -106,6 +108,24 @@ def over_pairs(results: list[dict[str, dict[str, dict[str, float]]]]) -> dict[st
     return out
 
 
+def report(result: dict[str, dict[str, dict[str, float]]], prefix: str = "  ") -> list[str]:
+    """One line per evaluation set and metric of a `stage_changes` result."""
+    return [f"{prefix}{src} {k}: {r['base']:.3f} -> {r['final']:.3f}, change {r['diff']:+.3f} +- {r['ci95']:.3f} "
+            f"(n={r['n']})" for src, rows in result.items() for k, r in rows.items()]  # fmt: skip
+
+
+def report_over(results: list[dict], unit: str = "pair") -> list[str]:
+    """The `over_pairs` summary of two or more results, one line per evaluation set and metric."""
+    head = f"over the {len(results)} {unit}s (mean change, 95% t-interval over {unit}s; each {unit}'s change in its SEs):"
+    lines = [head]
+    for src, rows in over_pairs(results).items():
+        for k, r in rows.items():
+            ses = ", ".join(f"{x:+.1f}" for x in r["in_se"])
+            lines.append(f"  {src} {k}: {r['mean']:+.3f} +- {r['ci95']:.3f}; per {unit} {ses} SE"
+                         f"{' (all above 2)' if min(r['in_se']) > 2 else ''}")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="*", help="FIRST SECOND [SECOND...]: second stages of one first")
@@ -121,18 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     for first, second in pairs:
         print(f"{second} against the base of {first} (paired over images, 95% CI):")
         results.append(stage_changes(first, second))
-        for src, rows in results[-1].items():
-            for k, r in rows.items():
-                print(f"  {src} {k}: {r['base']:.3f} -> {r['final']:.3f}, change {r['diff']:+.3f} +- {r['ci95']:.3f} "
-                      f"(n={r['n']})")  # fmt: skip
+        print("\n".join(report(results[-1])))
     if len(results) > 1:
-        print(f"over the {len(results)} pairs (mean change, 95% t-interval over pairs; "
-              "each pair's change in its own SEs):")  # fmt: skip
-        for src, rows in over_pairs(results).items():
-            for k, r in rows.items():
-                ses = ", ".join(f"{x:+.1f}" for x in r["in_se"])
-                print(f"  {src} {k}: {r['mean']:+.3f} +- {r['ci95']:.3f}; per pair {ses} SE"
-                      f"{' (all above 2)' if min(r['in_se']) > 2 else ''}")  # fmt: skip
+        print("\n".join(report_over(results)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_second_stage_is_paired_with_the_first_base(tmp_path, capsys):
     save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
     rng = np.random.default_rng(0)
     images = torch.stack([torch.from_numpy(make_scene(p, rng).image).permute(2, 0, 1) for p in prompts])
-    RunDir(second).save_eval_images("epoch_0024_final_shapes_pairs", images, prompts)  # as the loop keeps them
+    RunDir(second).save_eval_images("epoch_0024_final", images, prompts)  # as the loop keeps them
 
     rows = stage_changes(first, second)["shapes_pairs"]
     assert rows["shapes_full"]["final"] == 1.0 and rows["shapes_full"]["base"] == pytest.approx(2 / 6)
@@ -69,7 +69,7 @@ def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys):
         base = {k: torch.zeros(6) for k in ("reward", "shapes_full")}
         base["shapes_full"][:right_at_base] = 1.0
         save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
-        RunDir(second).save_eval_images("epoch_0024_final_shapes_pairs", images, prompts)
+        RunDir(second).save_eval_images("epoch_0024_final", images, prompts)
         args += ["--pair", str(first), str(second)]
         diffs.append(1 - right_at_base / 6)
     main(args)
