@@ -108,3 +108,18 @@ def test_shapes_order_preset_is_the_measured_recipe():
     )
     assert load_config("shapes_order") == measured
     assert load_config("shapes_order") != load_config("shapes_alignprop")
+
+
+def test_shapes_order_ddpo_preset_is_the_measured_first_stage():
+    """`shapes_order_ddpo` must stay exactly the large-batch DDPO run docs/results.md measured (session 29, seed 0;
+    bench/sweep.py's `b480-w03-lr2e-3` arm on the `shapes` preset, whose step 14 the second stage started from;
+    that run went on to 28 epochs, which with no learning-rate schedule does not change its first 14), the first
+    stage of bench/two_stage.py."""
+    measured = load_config(
+        "shapes",
+        ["model.pretrained=shapes-base-order", "exploration.enabled=false", "train.samples_per_epoch=480",
+         "train.prompts_per_epoch=60", "algorithm.minibatch_size=16", "algorithm.gradient_accumulation=30",
+         "algorithm.inner_epochs=1", "algorithm.timestep_window=[0.0,0.3]", "algorithm.learning_rate=2e-3",
+         "train.epochs=14", "eval.every=14", "train.checkpoint_every=14"],
+    )  # fmt: skip
+    assert load_config("shapes_order_ddpo") == measured
