@@ -16,6 +16,10 @@ t-interval over pairs, and each pair's change in units of its own standard error
 the Shapes bar: every seed's gain above 2 SE):
 
     python bench/stage_changes.py --pair runs/a-s0 runs/b-s0 --pair runs/a-s1 runs/b-s1 --pair runs/a-s2 runs/b-s2
+
+`--plot PNG` draws one panel per metric (full, relation, shapes, extra, held-out full: `--plot-columns`), with
+each pair's change as a dot and the mean with its 95% t-interval over pairs, for the first stage alone (its
+last logged paired change) and for both stages together: what the second stage added, seed by seed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROTOCOL = ("prompts.eval", "eval.seed", "eval.images_per_prompt", "eval.max_prompts", "sampling.num_steps",
             "sampling.guidance_scale", "sampling.eta", "sampling.resolution")  # fmt: skip
+
+
+PLOT_COLUMNS = ("full", "relation", "shapes", "extra", "held-out full")
 
 
 def _field(cfg, dotted: str):
@@ -126,10 +133,38 @@ def report_over(results: list[dict], unit: str = "pair") -> list[str]:
     return lines
 
 
+def columns(result: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """A result's changes under bench/run_changes.py's column names: 'full', 'relation', ..., 'held-out full'."""
+    out = {}
+    for src, rows in result.items():
+        prefix = "held-out " if src.endswith("_heldout") else ""
+        for k, r in rows.items():
+            out[prefix + k.removeprefix("shapes_")] = r["diff"]
+    return out
+
+
+def plot_stages(pairs: list[tuple[Path, Path]], results: list[dict], path: Path, cols: list[str]) -> None:
+    """The first stage's own last paired changes and both stages' totals, per pair, one panel per column."""
+    from bench.run_changes import last_changes, plot
+
+    groups: dict[str, dict[str, list[float]]] = {"first stage": {}, "both stages": {}}
+    for (first, _), result in zip(pairs, results):
+        for col, (diff, _) in last_changes(Path(first))[1].items():
+            groups["first stage"].setdefault(col, []).append(diff)
+        for col, diff in columns(result).items():
+            groups["both stages"].setdefault(col, []).append(diff)
+    cols = [c for c in cols if any(c in g for g in groups.values())]
+    if not cols:
+        raise SystemExit(f"none of the plot's columns is in these runs' evaluation (have: {sorted(groups['both stages'])})")
+    plot(groups, cols, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="*", help="FIRST SECOND [SECOND...]: second stages of one first")
     ap.add_argument("--pair", type=Path, nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"))
+    ap.add_argument("--plot", type=Path, help="PNG: per-pair changes of the first stage and of both, per metric")
+    ap.add_argument("--plot-columns", default=",".join(PLOT_COLUMNS))
     args = ap.parse_args(argv)
     if len(args.runs) == 1:
         ap.error("name a second stage after the first, or use --pair FIRST SECOND")
@@ -144,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(report(results[-1])))
     if len(results) > 1:
         print("\n".join(report_over(results)))
+    if args.plot:
+        plot_stages(pairs, results, args.plot, args.plot_columns.split(","))
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

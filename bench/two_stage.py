@@ -9,6 +9,7 @@ objects (`shapes_order`). For each seed S, under OUT:
     merged-sS/   stage 1's last complete checkpoint (or --checkpoint) fused into its base (bench/merge_lora.py)
     second-sS/   stage 2: learner.main --config SECOND --set model.pretrained=OUT/merged-sS --set train.seed=S
     summary.json the paired changes over the original base per seed and over seeds (bench/stage_changes.py)
+    stages.png   per metric, each seed's change after stage 1 and after both, with the mean and its 95% CI
 
     python bench/two_stage.py --out runs/two_stage --seeds 0,1,2 --threads 2
     python bench/two_stage.py --out runs/x --first shapes_order_ddpo --first-set train.epochs=8 \
@@ -75,7 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not all(is_done(p) for p in pairs[-1]):
             raise SystemExit(f"seed {seed}: a stage did not finish (see {args.out}/*-s{seed}.log)")
 
-    from bench.stage_changes import over_pairs, report, report_over, stage_changes
+    from bench.stage_changes import (
+        PLOT_COLUMNS,
+        columns,
+        over_pairs,
+        plot_stages,
+        report,
+        report_over,
+        stage_changes,
+    )
 
     per_seed = {}
     for seed, (first, second) in zip(seeds, pairs):
@@ -88,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
         summary["over_seeds"] = over_pairs(list(per_seed.values()))
         print("\n".join(report_over(list(per_seed.values()), unit="seed")))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if any(c in columns(r) for r in per_seed.values() for c in PLOT_COLUMNS):  # a Shapes evaluation
+        plot_stages(pairs, list(per_seed.values()), args.out / "stages.png", list(PLOT_COLUMNS))
+        print(f"wrote {args.out / 'stages.png'}")
     return summary
 
 

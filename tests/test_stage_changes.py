@@ -1,5 +1,7 @@
 """bench/stage_changes.py: a second stage's final images paired with the first stage's base scores."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_another_evaluation_reward_is_refused_but_not_another_batch_size(tmp_pat
         stage_changes(first, _run(tmp_path, "third"))
 
 
-def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys):
+def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys, monkeypatch):
     """Each seed has its own first stage; --pair gives each pair's change and the t-interval over pairs."""
     prompts = [p for p in load_prompts("shapes_pairs")[:3] for _ in range(2)]
     rng = np.random.default_rng(0)
@@ -70,10 +72,18 @@ def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys):
         base["shapes_full"][:right_at_base] = 1.0
         save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
         RunDir(second).save_eval_images("epoch_0024_final", images, prompts)
+        row = {"eval_reward_queries": 6720, "eval_shapes_pairs_shapes_full_change_mean": -0.1 * seed,
+               "eval_shapes_pairs_shapes_full_change_ci95": 0.05}  # the first stage's own last paired change
+        (first / "metrics.jsonl").write_text(json.dumps(row) + "\n")
         args += ["--pair", str(first), str(second)]
         diffs.append(1 - right_at_base / 6)
-    main(args)
+    drawn = {}
+    monkeypatch.setattr("bench.run_changes.plot", lambda groups, cols, path: drawn.update(groups=groups, cols=cols))
+    main(args + ["--plot", str(tmp_path / "stages.png")])
     out = capsys.readouterr().out
+    assert drawn["cols"] == ["full"]  # the only default column these runs have
+    assert drawn["groups"]["first stage"]["full"] == [0.0, -0.1, -0.2]
+    assert drawn["groups"]["both stages"]["full"] == pytest.approx(diffs)
     mean = sum(diffs) / 3
     half = 4.303 * float(torch.tensor(diffs, dtype=torch.float64).std()) / 3**0.5  # t(0.975, 2)
     assert "over the 3 pairs" in out
