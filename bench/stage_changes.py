@@ -139,7 +139,10 @@ def columns(result: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     for src, rows in result.items():
         prefix = "held-out " if src.endswith("_heldout") else ""
         for k, r in rows.items():
-            out[prefix + k.removeprefix("shapes_")] = r["diff"]
+            if k.startswith("shapes_"):  # a detector component: 'shapes_full' -> 'full', 'shapes_shapes' -> 'shapes'
+                out[prefix + k.removeprefix("shapes_")] = r["diff"]
+            elif k == "reward":  # a reward term's own total (the term `shapes`) is not a column: it is the reward
+                out[prefix + k] = r["diff"]
     return out
 
 

@@ -68,7 +68,8 @@ def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys, monkeypatch)
     args, diffs = [], []
     for seed, right_at_base in enumerate((2, 3, 4)):
         first, second = _run(tmp_path, f"first-s{seed}"), _run(tmp_path, f"second-s{seed}")
-        base = {k: torch.zeros(6) for k in ("reward", "shapes_full")}
+        base = {k: torch.zeros(6) for k in ("reward", "shapes_full", "shapes")}
+        base["shapes_shapes"] = torch.ones(6)  # objects already right at the base: change 0; the term total `shapes` +1
         base["shapes_full"][:right_at_base] = 1.0
         save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
         RunDir(second).save_eval_images("epoch_0024_final", images, prompts)
@@ -81,9 +82,11 @@ def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr("bench.run_changes.plot", lambda groups, cols, path: drawn.update(groups=groups, cols=cols))
     main(args + ["--plot", str(tmp_path / "stages.png")])
     out = capsys.readouterr().out
-    assert drawn["cols"] == ["full"]  # the only default column these runs have
+    assert drawn["cols"] == ["full", "shapes"]  # the default columns these runs have
     assert drawn["groups"]["first stage"]["full"] == [0.0, -0.1, -0.2]
     assert drawn["groups"]["both stages"]["full"] == pytest.approx(diffs)
+    # 'shapes' is the objects drawn right (shapes_shapes), not the reward term named `shapes` (every scene is right)
+    assert drawn["groups"]["both stages"]["shapes"] == [0.0, 0.0, 0.0]
     mean = sum(diffs) / 3
     half = 4.303 * float(torch.tensor(diffs, dtype=torch.float64).std()) / 3**0.5  # t(0.975, 2)
     assert "over the 3 pairs" in out
