@@ -73,15 +73,14 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
     sources = c2.prompts.eval or [c2.prompts.train]
     for src in sources:
         base_file = first_run.samples_dir / f"eval_base_{src}.safetensors"
-        final = f"epoch_*_final{f'_{src}' if len(sources) > 1 else ''}"  # as the loop names them
-        finals = sorted(second_run.samples_dir.glob(f"{final}.safetensors"))
-        if not base_file.is_file() or not finals:
-            raise SystemExit(f"missing {base_file if not base_file.is_file() else f'{second}/samples/{final}'}"
-                             " (runs keep them since session 28)")  # fmt: skip
-        images, prompts = RunDir.load_eval_images(finals[-1])
+        final = second_run.final_eval_images(src, len(sources))
+        if not base_file.is_file() or final is None:
+            missing = base_file if not base_file.is_file() else f"{second}/samples/{RunDir.eval_tag('epoch_*_final', src, len(sources))}"
+            raise SystemExit(f"missing {missing} (runs keep them since session 28)")
+        images, prompts = RunDir.load_eval_images(final)
         base = first_run.load_eval_base(src, len(prompts))
         if base is None:
-            raise SystemExit(f"{base_file}: not the {len(prompts)} per-image scores of {finals[-1].name}")
+            raise SystemExit(f"{base_file}: not the {len(prompts)} per-image scores of {final.name}")
         total, parts = reward(images.float() / 255, prompts, details=True)
         scores = {"reward": total, **{k.replace("/", "_"): v for k, v in parts.items()}}
         out[src] = {}
@@ -121,11 +120,11 @@ def report(result: dict[str, dict[str, dict[str, float]]], prefix: str = "  ") -
             f"(n={r['n']})" for src, rows in result.items() for k, r in rows.items()]  # fmt: skip
 
 
-def report_over(results: list[dict], unit: str = "pair") -> list[str]:
-    """The `over_pairs` summary of two or more results, one line per evaluation set and metric."""
-    head = f"over the {len(results)} {unit}s (mean change, 95% t-interval over {unit}s; each {unit}'s change in its SEs):"
-    lines = [head]
-    for src, rows in over_pairs(results).items():
+def report_over(over: dict[str, dict[str, dict]], unit: str = "pair") -> list[str]:
+    """An `over_pairs` summary, one line per evaluation set and metric."""
+    n = next((r["n"] for rows in over.values() for r in rows.values()), 0)
+    lines = [f"over the {n} {unit}s (mean change, 95% t-interval over {unit}s; each {unit}'s change in its SEs):"]
+    for src, rows in over.items():
         for k, r in rows.items():
             ses = ", ".join(f"{x:+.1f}" for x in r["in_se"])
             lines.append(f"  {src} {k}: {r['mean']:+.3f} +- {r['ci95']:.3f}; per {unit} {ses} SE"
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(stage_changes(first, second))
         print("\n".join(report(results[-1])))
     if len(results) > 1:
-        print("\n".join(report_over(results)))
+        print("\n".join(report_over(over_pairs(results))))
     if args.plot:
         plot_stages(pairs, results, args.plot, args.plot_columns.split(","))
         print(f"wrote {args.plot}")

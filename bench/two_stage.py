@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                "per_seed": {str(s): v for s, v in per_seed.items()}}  # fmt: skip
     if len(seeds) > 1:
         summary["over_seeds"] = over_pairs(list(per_seed.values()))
-        print("\n".join(report_over(list(per_seed.values()), unit="seed")))
+        print("\n".join(report_over(summary["over_seeds"], unit="seed")))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if any(c in columns(r) for r in per_seed.values() for c in PLOT_COLUMNS):  # a Shapes evaluation
         plot_stages(pairs, list(per_seed.values()), args.out / "stages.png", list(PLOT_COLUMNS))

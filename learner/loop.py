@@ -164,11 +164,11 @@ class Trainer:
                     row.update({f"{prefix}_{key}_mean": mean, f"{prefix}_{key}_ci95": ci})
                     if key == "reward":
                         row[f"{prefix}_reward_std"] = std
-            suffix = f"_{name}" if len(self.eval_sets) > 1 else ""
+            file_tag = self.run.eval_tag(tag, name, len(self.eval_sets))
             if keep_images:
-                self.run.save_eval_images(tag + suffix, res.images, prompts)
+                self.run.save_eval_images(file_tag, res.images, prompts)
             if self.cfg.output.grid_every:
-                self.run.save_grid(res.images, tag + suffix, nrow=self.cfg.eval.images_per_prompt,
+                self.run.save_grid(res.images, file_tag, nrow=self.cfg.eval.images_per_prompt,
                                    labels=prompts[:: self.cfg.eval.images_per_prompt], scores=res.rewards.tolist())  # fmt: skip
         return row
 

@@ -147,6 +147,17 @@ class RunDir:
         return out
 
     @staticmethod
+    def eval_tag(tag: str, name: str, n_sets: int) -> str:
+        """The file name of evaluation set `name`'s images at `tag` (e.g. "epoch_0024_final"): the set's name is
+        appended only when a run has several evaluation sets."""
+        return f"{tag}_{name}" if n_sets > 1 else tag
+
+    def final_eval_images(self, name: str, n_sets: int) -> Path | None:
+        """The last kept final-evaluation images of set `name` (samples/epoch_*_final[_<set>].safetensors)."""
+        finals = sorted(self.samples_dir.glob(self.eval_tag("epoch_*_final", name, n_sets) + ".safetensors"))
+        return finals[-1] if finals else None
+
+    @staticmethod
     def load_eval_images(path: Path) -> tuple[torch.Tensor, list[str]]:
         """(images uint8 [N, 3, H, W], prompts) saved by save_eval_images."""
         from safetensors import safe_open
