@@ -11,6 +11,12 @@ component, base -> fine-tuned means and the paired difference with its 95% CI; t
 evaluated once per distinct evaluation set. The last lines give the seed mean of each difference with a
 t-interval over the runs.
 
+`--base-model MODEL` judges against another model than the runs' own `model.pretrained` (a hub id, a path or a
+built-in name, LoRA off): a second stage trained on a fused first stage (bench/two_stage.py) is judged against
+the original base, so the change is what both stages bought, on as many images as wanted:
+
+    python bench/paired_eval.py runs/two_stage/second-s? --base-model shapes-base-order --images 16
+
 `--all-checkpoints` judges every checkpoint of each run (a curve of paired changes against reward queries;
 train with `train.checkpoint_every` small), and `--base-cache DIR` keeps the base model's scores on disk, so
 that several processes evaluating runs of one study compute them once.
@@ -31,7 +37,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def paired_eval(runs: list[Path], images: int = 4, max_prompts: int = 60, sets: list[str] | None = None,
-                all_checkpoints: bool = False, base_cache: Path | None = None, log=print) -> list[dict]:
+                all_checkpoints: bool = False, base_cache: Path | None = None, base_model: str | None = None,
+                log=print) -> list[dict]:
     """One entry per judged checkpoint: run, checkpoint, reward_queries and, per evaluation set and reward
     component, base and fine-tuned means and the paired difference with its 95% CI."""
     import hashlib
@@ -68,6 +75,11 @@ def paired_eval(runs: list[Path], images: int = 4, max_prompts: int = 60, sets: 
             ckpts = ckpts[-1:]
         reward = WeightedReward(cfg.eval.reward or cfg.reward)
         gen = RolloutGenerator(cfg, device=local_device(cfg))  # CUDA when there is one, as the run's training
+        base_gen, base_name = gen, cfg.model.pretrained
+        if base_model is not None and base_model != cfg.model.pretrained:
+            base_cfg = cfg.model_copy(deep=True)
+            base_cfg.model.pretrained = base_name = base_model
+            base_gen = None  # built only if the base's scores are not cached
         for ckpt in ckpts:
             lora, learner_state, counters = run.load_checkpoint(ckpt)
             entry = {"run": str(run_path), "checkpoint": str(ckpt), "reward_queries": counters["reward_queries"],
@@ -75,15 +87,17 @@ def paired_eval(runs: list[Path], images: int = 4, max_prompts: int = 60, sets: 
             for src in sets or cfg.prompts.eval or [cfg.prompts.train]:
                 prompts = [p for p in load_prompts(src)[:max_prompts] for _ in range(images)]
                 seeds = sample_seeds(cfg.eval.seed, -1, len(prompts))
-                key = [cfg.model.pretrained, src, images, max_prompts, cfg.eval.seed, cfg.sampling.num_steps,
+                key = [base_name, src, images, max_prompts, cfg.eval.seed, cfg.sampling.num_steps,
                        cfg.sampling.guidance_scale, (cfg.eval.reward or cfg.reward).model_dump()]  # fmt: skip
                 digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
                 cached = base_cache / f"base-{digest}.safetensors" if base_cache else None
                 if digest not in base_mem and cached is not None and cached.is_file():
                     base_mem[digest] = load_file(str(cached))
                 if digest not in base_mem:
-                    gen.set_weights(0, base_weights(lora))
-                    base_mem[digest] = score(gen, reward, cfg, prompts, seeds)
+                    if base_gen is None:
+                        base_gen = RolloutGenerator(base_cfg, device=local_device(base_cfg))
+                    base_gen.set_weights(0, base_weights(lora))
+                    base_mem[digest] = score(base_gen, reward, cfg, prompts, seeds)
                     if cached is not None:
                         cached.parent.mkdir(parents=True, exist_ok=True)
                         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -115,6 +129,7 @@ def main() -> None:
     ap.add_argument("--sets", default="", help="comma-separated prompt sets (default: each run's prompts.eval)")
     ap.add_argument("--all-checkpoints", action="store_true", help="judge every checkpoint, not only the last")
     ap.add_argument("--base-cache", type=Path, help="folder keeping the base model's scores between processes")
+    ap.add_argument("--base-model", help="judge against this model (LoRA off), not the runs' model.pretrained")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -123,7 +138,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     results = paired_eval(args.runs, args.images, args.max_prompts, args.sets.split(",") if args.sets else None,
-                          args.all_checkpoints, args.base_cache, log=lambda m: print(m, flush=True))  # fmt: skip
+                          args.all_checkpoints, args.base_cache, args.base_model, log=lambda m: print(m, flush=True))  # fmt: skip
     finals = {r["run"]: r for r in results}  # each run's last judged checkpoint
     if len(finals) > 1:
         print("\nseed mean of the paired differences at each run's last checkpoint (95% t-interval over runs):")

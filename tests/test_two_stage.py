@@ -41,6 +41,23 @@ def test_two_stages_per_seed_and_their_total_over_the_base(tmp_path, capsys):
     assert "over_seeds" not in summary  # one seed: nothing to summarise over (tests/test_stage_changes.py has that)
     assert "seed 3 tiny_animals reward:" in capsys.readouterr().out
 
+    # bench/paired_eval.py --base-model judges stage 2 against the original base afresh: its base is stage 1's
+    # base evaluation and its fine-tuned policy stage 2's final one (both scored from float images; stage_changes
+    # scores the kept uint8 images, so its total differs by the rounding)
+    from bench.paired_eval import paired_eval
+
+    (judged,) = paired_eval([second], images=2, max_prompts=2, base_model=load_config(str(first / "config.yaml"))
+                            .model.pretrained, log=lambda *_: None)  # fmt: skip
+    got = judged["sets"]["tiny_animals"]["reward"]
+    base_row = RunDir(first).read_metrics()[0]
+    final_row = RunDir(second).read_metrics()[-1]
+    assert final_row.get("final_eval")
+    assert abs(got["base"] - base_row["eval_reward_mean"]) < 1e-4
+    # the fine-tuned policy generates in other batches than the run's samplers did, which moves the rounding to
+    # uint8 and so the JPEG sizes by ~0.1% after stage 1's large steps (lr 0.05)
+    assert abs(got["tuned"] - final_row["eval_reward_mean"]) < 5e-3  # one set: no set name in the keys
+    assert abs(got["diff"] - rows["reward"]["diff"]) < 5e-3
+
     mtimes = {p: p.stat().st_mtime for p in out.glob("*/config.yaml")}
     again = main(argv)  # everything is done: nothing runs again, the summary is the same
     assert {p: p.stat().st_mtime for p in out.glob("*/config.yaml")} == mtimes
