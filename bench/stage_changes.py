@@ -17,6 +17,14 @@ the Shapes bar: every seed's gain above 2 SE):
 
     python bench/stage_changes.py --pair runs/a-s0 runs/b-s0 --pair runs/a-s1 runs/b-s1 --pair runs/a-s2 runs/b-s2
 
+Arms of a study, each a set of two-stage pairs, compare seed by seed on the same images: `--arm
+LABEL=FIRST_GLOB,SECOND_GLOB` per arm (runs matched by their -s<N> suffix) prints each arm's pairs and their
+summary over seeds, and `--versus LABEL` each other arm's change minus LABEL's, image by image within a seed
+(CI over images) and over the shared seeds (t-interval):
+
+    python bench/stage_changes.py --arm "plain=runs/two_stage/first-s?,runs/two_stage/second-s?" \
+        --arm "diffexp=runs/two_stage_diffexp/first-s?,runs/two_stage_diffexp/second-s?" --versus plain
+
 `--plot PNG` draws one panel per metric (full, relation, shapes, extra, held-out full: `--plot-columns`), with
 each pair's change as a dot and the mean with its 95% t-interval over pairs, for the first stage alone (its
 last logged paired change) and for both stages together: what the second stage added, seed by seed.
@@ -47,11 +55,20 @@ def _field(cfg, dotted: str):
     return v.model_dump() if hasattr(v, "model_dump") else v
 
 
-def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Per evaluation set and metric: base (first run's base), final (second run's final images), the paired
-    difference's mean, its 95% CI (normal, over images) and n."""
+_SCORED: dict[tuple[Path, Path], dict] = {}  # scoring a pair's images takes seconds: an arm's report and --versus share it
+
+
+def paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
+    """Per evaluation set and metric: (the first run's base scores, the second run's final scores), image i of
+    both the same prompt and noise."""
+    key = (Path(first).resolve(), Path(second).resolve())
+    if key not in _SCORED:
+        _SCORED[key] = _paired_scores(first, second)
+    return _SCORED[key]
+
+
+def _paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
     from common.config import load_config
-    from learner.loop import mean_ci
     from learner.run_dir import RunDir
     from rewards.combined import WeightedReward
 
@@ -69,7 +86,7 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
                          f"{json.loads(merged.read_text())['run']}, not from {first}")  # fmt: skip
     reward = WeightedReward(r2)
     first_run, second_run = RunDir(first), RunDir(second)
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, tuple]] = {}
     sources = c2.prompts.eval or [c2.prompts.train]
     for src in sources:
         base_file = first_run.samples_dir / f"eval_base_{src}.safetensors"
@@ -83,12 +100,47 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
             raise SystemExit(f"{base_file}: not the {len(prompts)} per-image scores of {final.name}")
         total, parts = reward(images.float() / 255, prompts, details=True)
         scores = {"reward": total, **{k.replace("/", "_"): v for k, v in parts.items()}}
+        out[src] = {k: (base[k].double(), v.double()) for k, v in scores.items() if k in base}
+    return out
+
+
+def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per evaluation set and metric: base (first run's base), final (second run's final images), the paired
+    difference's mean, its 95% CI (normal, over images) and n."""
+    from learner.loop import mean_ci
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for src, rows in paired_scores(first, second).items():
         out[src] = {}
-        for k, v in scores.items():
-            if k in base:
-                diff, _, ci95 = mean_ci(v.double() - base[k].double())
-                out[src][k] = {"base": float(base[k].double().mean()), "final": float(v.double().mean()),
-                               "diff": diff, "ci95": ci95, "n": v.numel()}  # fmt: skip
+        for k, (base, final) in rows.items():
+            diff, _, ci95 = mean_ci(final - base)
+            out[src][k] = {"base": float(base.mean()), "final": float(final.mean()), "diff": diff, "ci95": ci95,
+                           "n": final.numel()}  # fmt: skip
+    return out
+
+
+def arm_difference(a: tuple[Path, Path], b: tuple[Path, Path]) -> dict[str, dict[str, dict[str, float]]]:
+    """Two arms' two-stage pairs of one seed, evaluated on the same images: per set and metric, the mean over
+    images of b's paired change minus a's (b's final minus a's final where both first stages scored the same
+    base), its 95% CI over images, and n."""
+    from common.config import load_config
+    from learner.loop import mean_ci
+
+    ca, cb = (load_config(str(Path(x[1]) / "config.yaml")) for x in (a, b))
+    for f in PROTOCOL:
+        if _field(ca, f) != _field(cb, f):
+            raise SystemExit(f"{b[1]}: {f} is {_field(cb, f)!r}, {a[1]} has {_field(ca, f)!r}; the arms are not paired")
+    sa, sb = paired_scores(*a), paired_scores(*b)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for src in sa:
+        for k in sa[src]:
+            if k not in sb.get(src, {}):
+                continue
+            (base_a, final_a), (base_b, final_b) = sa[src][k], sb[src][k]
+            if base_a.shape != base_b.shape:
+                raise SystemExit(f"{b[1]}: {base_b.numel()} {src} images, {a[1]} has {base_a.numel()}; not paired")
+            diff, _, ci95 = mean_ci((final_b - base_b) - (final_a - base_a))
+            out.setdefault(src, {})[k] = {"diff": diff, "ci95": ci95, "n": base_a.numel()}
     return out
 
 
@@ -161,13 +213,57 @@ def plot_stages(pairs: list[tuple[Path, Path]], results: list[dict], path: Path,
     plot(groups, cols, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def arm_pairs(spec: str) -> tuple[str, dict[int, tuple[Path, Path]]]:
+    """'LABEL=FIRST_GLOB,SECOND_GLOB' -> (label, {seed: (first, second)}), runs matched by their -s<N> suffix."""
+    import glob
+    import re
+
+    label, sep, globs = spec.partition("=")
+    parts = globs.split(",")
+    if not sep or not label or len(parts) != 2:
+        raise SystemExit(f"--arm {spec!r}: expected LABEL=FIRST_GLOB,SECOND_GLOB (runs named ...-s<seed>)")
+
+    def by_seed(pattern: str) -> dict[int, Path]:
+        runs = {}
+        for p in glob.glob(pattern):
+            m = re.search(r"-s(\d+)$", p.rstrip("/"))
+            if m and Path(p, "config.yaml").is_file():
+                runs[int(m.group(1))] = Path(p)
+        return runs
+
+    firsts, seconds = by_seed(parts[0]), by_seed(parts[1])
+    seeds = sorted(set(firsts) & set(seconds))
+    if not seeds:
+        raise SystemExit(f"--arm {label}: no seed has both a first ({parts[0]}) and a second ({parts[1]}) stage")
+    return label, {s: (firsts[s], seconds[s]) for s in seeds}
+
+
+def versus(arms: dict[str, dict[int, tuple[Path, Path]]], ref: str) -> dict[str, dict]:
+    """Each other arm against `ref`, seed by seed on the seeds both have: per seed the same-image difference of
+    the two-stage changes (`arm_difference`), and over seeds its mean with the t-interval (`over_pairs`)."""
+    out = {}
+    for label, pairs in arms.items():
+        shared = sorted(set(pairs) & set(arms[ref]))
+        if label == ref or not shared:
+            continue
+        per_seed = {s: arm_difference(arms[ref][s], pairs[s]) for s in shared}
+        out[label] = {"seeds": shared, "per_seed": per_seed,
+                      "over_seeds": over_pairs(list(per_seed.values())) if len(shared) > 1 else None}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="*", help="FIRST SECOND [SECOND...]: second stages of one first")
     ap.add_argument("--pair", type=Path, nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"))
+    ap.add_argument("--arm", action="append", default=[], metavar="LABEL=FIRST_GLOB,SECOND_GLOB",
+                    help="an arm's two-stage pairs, matched by the -s<N> seed suffix (repeat per arm)")
+    ap.add_argument("--versus", metavar="LABEL", help="with --arm: every other arm minus this one, same seed, same images")
     ap.add_argument("--plot", type=Path, help="PNG: per-pair changes of the first stage and of both, per metric")
     ap.add_argument("--plot-columns", default=",".join(PLOT_COLUMNS))
     args = ap.parse_args(argv)
+    if args.arm:
+        return main_arms(ap, args)
     if len(args.runs) == 1:
         ap.error("name a second stage after the first, or use --pair FIRST SECOND")
     pairs = [(args.runs[0], s) for s in args.runs[1:]] + [tuple(p) for p in args.pair]
@@ -184,6 +280,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot_stages(pairs, results, args.plot, args.plot_columns.split(","))
         print(f"wrote {args.plot}")
+
+
+def main_arms(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    if args.runs or args.pair or args.plot:
+        ap.error("--arm takes the place of FIRST SECOND, --pair and --plot")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    arms = dict(arm_pairs(a) for a in args.arm)
+    if args.versus is not None and args.versus not in arms:
+        ap.error(f"--versus {args.versus!r}: no such arm; the arms are {', '.join(arms)}")
+    for label, pairs in arms.items():
+        results = [stage_changes(*pairs[s]) for s in pairs]
+        print(f"arm {label}, seeds {list(pairs)}, both stages over the base (paired over images, 95% CI):")
+        for s, r in zip(pairs, results):
+            print("\n".join(report(r, prefix=f"  seed {s} ")))
+        if len(results) > 1:
+            print("\n".join(report_over(over_pairs(results), unit="seed")))
+    compared = versus(arms, args.versus) if args.versus is not None else {}
+    for label, res in compared.items():
+        print(f"{label} - {args.versus}, same seed, same images (95% CI over images):")
+        for s, r in res["per_seed"].items():
+            print("\n".join(f"  seed {s} {src} {k}: {x['diff']:+.3f} +- {x['ci95']:.3f} (n={x['n']})"
+                            for src, rows in r.items() for k, x in rows.items()))  # fmt: skip
+        if res["over_seeds"]:
+            print("\n".join(report_over(res["over_seeds"], unit="seed")))
+    return compared
 
 
 if __name__ == "__main__":

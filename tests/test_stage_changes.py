@@ -95,3 +95,36 @@ def test_pairs_of_seeds_are_summarised_over_pairs(tmp_path, capsys, monkeypatch)
     assert f"{(2 / 6) / (float(d.std()) / 6**0.5):+.1f} SE" in out  # its change in its own standard errors
     with pytest.raises(SystemExit):
         main([str(tmp_path / "first-s0")])  # a first stage alone names no pair
+
+
+def test_arms_compare_seed_by_seed_on_the_same_images(tmp_path, capsys):
+    """--arm per arm, --versus: each seed's change in arm b minus arm a, image by image, and over seeds."""
+    prompts = [p for p in load_prompts("shapes_pairs")[:3] for _ in range(2)]
+    rng = np.random.default_rng(0)
+    images = torch.stack([torch.from_numpy(make_scene(p, rng).image).permute(2, 0, 1) for p in prompts])
+    base = {"reward": torch.zeros(6), "shapes_full": torch.tensor([1.0, 1, 0, 0, 0, 0])}
+    for arm in ("a", "b"):
+        for seed in (0, 1):
+            first, second = _run(tmp_path / arm, f"first-s{seed}"), _run(tmp_path / arm, f"second-s{seed}")
+            save_file(base, str(first / "samples" / "eval_base_shapes_pairs.safetensors"))
+            final = images.clone()
+            if arm == "b":
+                final[: seed + 1] = 0  # seed s of arm b draws nothing in its first s + 1 images
+            RunDir(second).save_eval_images("epoch_0024_final", final, prompts)
+    spec = [f"--arm={arm}={tmp_path / arm}/first-s?,{tmp_path / arm}/second-s?" for arm in ("a", "b")]
+    res = main(spec + ["--versus", "a"])
+    out = capsys.readouterr().out
+    assert list(res) == ["b"] and res["b"]["seeds"] == [0, 1]
+    for seed in (0, 1):
+        row = res["b"]["per_seed"][seed]["shapes_pairs"]["shapes_full"]
+        d = torch.tensor([-1.0] * (seed + 1) + [0.0] * (5 - seed), dtype=torch.float64)
+        assert row["diff"] == pytest.approx(float(d.mean())) and row["n"] == 6
+        assert row["ci95"] == pytest.approx(Z95 * float(d.std()) / 6**0.5)
+    over = res["b"]["over_seeds"]["shapes_pairs"]["shapes_full"]
+    assert over["mean"] == pytest.approx(-(1 + 2) / 12) and over["n"] == 2
+    assert "arm a, seeds [0, 1]" in out and "b - a, same seed, same images" in out
+    with pytest.raises(SystemExit):
+        main(spec + ["--versus", "c"])
+    assert "no such arm; the arms are a, b" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no seed has both"):
+        main([f"--arm=c={tmp_path}/a/first-s?,{tmp_path}/none-s?"])
