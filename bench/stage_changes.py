@@ -55,19 +55,9 @@ def _field(cfg, dotted: str):
     return v.model_dump() if hasattr(v, "model_dump") else v
 
 
-_SCORED: dict[tuple[Path, Path], dict] = {}  # scoring a pair's images takes seconds: an arm's report and --versus share it
-
-
 def paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
     """Per evaluation set and metric: (the first run's base scores, the second run's final scores), image i of
     both the same prompt and noise."""
-    key = (Path(first).resolve(), Path(second).resolve())
-    if key not in _SCORED:
-        _SCORED[key] = _paired_scores(first, second)
-    return _SCORED[key]
-
-
-def _paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
     from common.config import load_config
     from learner.run_dir import RunDir
     from rewards.combined import WeightedReward
@@ -104,13 +94,13 @@ def _paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
     return out
 
 
-def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, float]]]:
+def stage_changes(first: Path, second: Path, scores: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Per evaluation set and metric: base (first run's base), final (second run's final images), the paired
-    difference's mean, its 95% CI (normal, over images) and n."""
+    difference's mean, its 95% CI (normal, over images) and n. `scores`: the pair's `paired_scores`, if known."""
     from learner.loop import mean_ci
 
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for src, rows in paired_scores(first, second).items():
+    for src, rows in (scores or paired_scores(first, second)).items():
         out[src] = {}
         for k, (base, final) in rows.items():
             diff, _, ci95 = mean_ci(final - base)
@@ -119,10 +109,10 @@ def stage_changes(first: Path, second: Path) -> dict[str, dict[str, dict[str, fl
     return out
 
 
-def arm_difference(a: tuple[Path, Path], b: tuple[Path, Path]) -> dict[str, dict[str, dict[str, float]]]:
+def arm_difference(a: tuple[Path, Path], b: tuple[Path, Path], scored: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Two arms' two-stage pairs of one seed, evaluated on the same images: per set and metric, the mean over
     images of b's paired change minus a's (b's final minus a's final where both first stages scored the same
-    base), its 95% CI over images, and n."""
+    base), its 95% CI over images, and n. `scored`: pairs' `paired_scores` already computed, by pair."""
     from common.config import load_config
     from learner.loop import mean_ci
 
@@ -130,7 +120,8 @@ def arm_difference(a: tuple[Path, Path], b: tuple[Path, Path]) -> dict[str, dict
     for f in PROTOCOL:
         if _field(ca, f) != _field(cb, f):
             raise SystemExit(f"{b[1]}: {f} is {_field(cb, f)!r}, {a[1]} has {_field(ca, f)!r}; the arms are not paired")
-    sa, sb = paired_scores(*a), paired_scores(*b)
+    scored = scored if scored is not None else {}
+    sa, sb = (scored.get(x) or paired_scores(*x) for x in (a, b))
     out: dict[str, dict[str, dict[str, float]]] = {}
     for src in sa:
         for k in sa[src]:
@@ -238,7 +229,7 @@ def arm_pairs(spec: str) -> tuple[str, dict[int, tuple[Path, Path]]]:
     return label, {s: (firsts[s], seconds[s]) for s in seeds}
 
 
-def versus(arms: dict[str, dict[int, tuple[Path, Path]]], ref: str) -> dict[str, dict]:
+def versus(arms: dict[str, dict[int, tuple[Path, Path]]], ref: str, scored: dict | None = None) -> dict[str, dict]:
     """Each other arm against `ref`, seed by seed on the seeds both have: per seed the same-image difference of
     the two-stage changes (`arm_difference`), and over seeds its mean with the t-interval (`over_pairs`)."""
     out = {}
@@ -246,7 +237,7 @@ def versus(arms: dict[str, dict[int, tuple[Path, Path]]], ref: str) -> dict[str,
         shared = sorted(set(pairs) & set(arms[ref]))
         if label == ref or not shared:
             continue
-        per_seed = {s: arm_difference(arms[ref][s], pairs[s]) for s in shared}
+        per_seed = {s: arm_difference(arms[ref][s], pairs[s], scored) for s in shared}
         out[label] = {"seeds": shared, "per_seed": per_seed,
                       "over_seeds": over_pairs(list(per_seed.values())) if len(shared) > 1 else None}  # fmt: skip
     return out
@@ -289,14 +280,15 @@ def main_arms(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     arms = dict(arm_pairs(a) for a in args.arm)
     if args.versus is not None and args.versus not in arms:
         ap.error(f"--versus {args.versus!r}: no such arm; the arms are {', '.join(arms)}")
+    scored = {pair: paired_scores(*pair) for pairs in arms.values() for pair in pairs.values()}  # scored once
     for label, pairs in arms.items():
-        results = [stage_changes(*pairs[s]) for s in pairs]
+        results = [stage_changes(*pairs[s], scores=scored[pairs[s]]) for s in pairs]
         print(f"arm {label}, seeds {list(pairs)}, both stages over the base (paired over images, 95% CI):")
         for s, r in zip(pairs, results):
             print("\n".join(report(r, prefix=f"  seed {s} ")))
         if len(results) > 1:
             print("\n".join(report_over(over_pairs(results), unit="seed")))
-    compared = versus(arms, args.versus) if args.versus is not None else {}
+    compared = versus(arms, args.versus, scored) if args.versus is not None else {}
     for label, res in compared.items():
         print(f"{label} - {args.versus}, same seed, same images (95% CI over images):")
         for s, r in res["per_seed"].items():
