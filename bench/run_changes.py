@@ -12,6 +12,10 @@ one arm), the mean change with its 95% t-interval over runs (t with n - 1 degree
 runs of one protocol share the evaluation noise, so arms compare on the same noise), and of the base policy's
 images on that noise where the run kept them (runs since session 28), as "base -> final".
 
+`--judged FILE` (bench/paired_eval.py --diversity --json FILE, repeatable) takes each run's diversity from that
+judgement instead: its images generated afresh from the run's last checkpoint, the base's on the same noise, so a
+run stopped before its final evaluation is measured too, on as many images a prompt as were judged.
+
 `--versus LABEL` also prints each other group minus that group, run by run on the seeds both have (matched by
 the run directories' -s<N> suffix), with the t-interval over those seeds: the same-seed comparison of arms.
 
@@ -79,6 +83,20 @@ def final_diversity(run: Path) -> dict[str, tuple[float | None, float]]:
     return {k: (base.get(k), final[k]) for k in DIVERSITY}
 
 
+def judged_diversity(files: list[Path]) -> dict[Path, dict[str, tuple[float | None, float]]]:
+    """{run path (resolved): {metric: (base, final)}} from bench/paired_eval.py --diversity JSON files: each run's
+    last judged checkpoint, its first evaluation set (as final_diversity), base and final over the prompts where
+    both are defined."""
+    out = {}
+    for f in files:
+        for entry in json.loads(Path(f).read_text()):
+            if not entry.get("diversity"):
+                raise SystemExit(f"{f}: {entry['run']} was judged without --diversity")
+            first = next(iter(entry["diversity"].values()))
+            out[Path(entry["run"]).resolve()] = {k: (first[k]["base"], first[k]["tuned"]) for k in DIVERSITY}
+    return out
+
+
 def interval_cell(col: str, mean: float, half: float, difference: bool = False) -> str:
     """One 'column mean +- half' cell: rates to 3 decimals; diversity to 3-4 digits, signed when it is a change
     or a `difference` of two arms."""
@@ -129,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("groups", nargs="+",
                     help="a glob of run directories per group (quote it), optionally labelled: 'plain=runs/x/ap-s?'")
     ap.add_argument("--diversity", action="store_true", help="also the change in diversity of the final images")
+    ap.add_argument("--judged", type=Path, action="append", default=[],
+                    help="with --diversity: take it from this bench/paired_eval.py --diversity --json file")
     ap.add_argument("--versus", metavar="LABEL",
                     help="also each other group minus this group, run by run on the seeds they share (the -s<N> "
                     "suffix), with the t-interval over those seeds")
@@ -144,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--plot-columns: unknown column(s) {bad}; known: {', '.join(known)}")
     if args.plot and any(c in diversity_columns for c in columns) and not args.diversity:
         raise SystemExit("--plot-columns names a diversity column; add --diversity")
+    if args.judged and not args.diversity:
+        raise SystemExit("--judged gives the diversity; add --diversity")
+    judged = judged_diversity(args.judged) if args.judged else None
     groups: dict[str, dict[str, list[float]]] = {}
     by_seed: dict[str, dict[int, dict[str, float]]] = {}  # label -> seed -> column -> value
     for arg in args.groups:
@@ -162,7 +185,11 @@ def main(argv: list[str] | None = None) -> None:
                 this[name] = m
                 cells.append(f"{name} {m:+.3f} +- {ci:.3f}")
             if args.diversity:
-                for key, (b, v) in final_diversity(run).items():
+                if judged is not None and run.resolve() not in judged:
+                    raise SystemExit(f"{run}: not in {', '.join(map(str, args.judged))}; judge it with "
+                                     f"bench/paired_eval.py {run} --diversity --json FILE")
+                div = judged[run.resolve()] if judged is not None else final_diversity(run)
+                for key, (b, v) in div.items():
                     this[key] = v
                     if b is None:
                         cells.append(f"{key} {v:.4g}")

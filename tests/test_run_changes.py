@@ -91,6 +91,24 @@ def test_diversity_of_the_final_images(tmp_path, capsys):
         main(["--diversity", str(_run(tmp_path, "arm-s2", 0.1, 0.0))])
 
 
+def test_diversity_from_a_judgement(tmp_path, capsys):
+    runs = [_run(tmp_path, f"arm-s{i}", 0.1, 0.0) for i in range(2)]  # no final images kept: judged instead
+    rows = lambda b, t: {k: {"base": b, "tuned": t} for k in ("position_spread", "size_spread", "pixel_distance")}
+    judged = tmp_path / "judged.json"
+    judged.write_text(json.dumps([{"run": str(runs[0]), "diversity": {"shapes_pairs": rows(10.0, 8.0),
+                                                                       "shapes_pairs_heldout": rows(1.0, 1.0)}},
+                                  {"run": str(runs[1]), "diversity": {"shapes_pairs": rows(10.0, 9.0)}}]))  # fmt: skip
+    main(["--diversity", "--judged", str(judged), str(tmp_path / "arm-s?")])
+    out = capsys.readouterr().out.splitlines()
+    assert "position_spread 10 -> 8" in out[0] and "pixel_distance 10 -> 9" in out[1]  # the first set's
+    mean, half = seed_mean_ci([-2.0, -1.0])
+    assert f"position_spread change {mean:+.3g} +- {half:.2g}" in out[2]
+    with pytest.raises(SystemExit, match="arm-s2: not in"):
+        main(["--diversity", "--judged", str(judged), str(_run(tmp_path, "arm-s2", 0.1, 0.0))])
+    with pytest.raises(SystemExit, match="add --diversity"):
+        main(["--judged", str(judged), str(tmp_path / "arm-s?")])
+
+
 def test_plot_of_the_groups(tmp_path, capsys):
     from bench.run_changes import group_label
 
