@@ -203,6 +203,8 @@ def main() -> None:
     results = paired_eval(args.runs, args.images, args.max_prompts, args.sets.split(",") if args.sets else None,
                           args.all_checkpoints, args.base_cache, args.base_model, args.diversity,
                           log=lambda m: print(m, flush=True))  # fmt: skip
+    from bench.runs import seed_mean_ci
+
     finals = {r["run"]: r for r in results}  # each run's last judged checkpoint
     if len(finals) > 1:
         print("\nseed mean of the paired differences at each run's last checkpoint (95% t-interval over runs):")
@@ -217,10 +219,8 @@ def main() -> None:
         for s, metrics in first.get("diversity", {}).items():
             for k in metrics:
                 ds = [r["diversity"][s][k]["diff"] for r in finals.values() if s in r.get("diversity", {})]
-                m = sum(ds) / len(ds)
-                sd = math.sqrt(sum((x - m) ** 2 for x in ds) / (len(ds) - 1)) if len(ds) > 1 else 0.0
-                print(f"{s} | diversity {k}: {m:+.4g} +- {T95.get(len(ds) - 1, 2.0) * sd / math.sqrt(len(ds)):.4g} "
-                      f"(runs: {', '.join(f'{x:+.4g}' for x in ds)})")
+                m, half = seed_mean_ci(ds)
+                print(f"{s} | diversity {k}: {m:+.4g} +- {half:.4g} (runs: {', '.join(f'{x:+.4g}' for x in ds)})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
