@@ -9,7 +9,6 @@ import warnings
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 os.environ.setdefault("DIFFEXP_CACHE", tempfile.mkdtemp(prefix="diffexp-test-cache-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.pop("RAY_ADDRESS", None)
@@ -50,7 +49,11 @@ def ray_session():
     paths = [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Idle OpenMP threads of the actors sleep instead of spinning: they share 2 cores (the system's actors
+        # set this themselves, from cluster.omp_wait_policy; this covers the tests' own actors). Not in this
+        # process: its local-backend runs compute alone, where sleeping threads cost up to 2x (docs/results.md).
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})  # fmt: skip
     yield ray
     ray.shutdown()
 

@@ -70,38 +70,27 @@ def _same(rows, clean):
     assert rows[-1]["reward_queries"] == 32
 
 
-def test_sigkill_of_a_sampler_mid_epoch(fault_cfg, clean_rows, tmp_path):
+def test_sigkill_of_a_sampler_then_a_reward_actor_mid_epoch(fault_cfg, clean_rows, tmp_path):
+    """Both kinds of actor in one run (each fault costs a whole run of actor start-ups): a sampler dies after
+    the first rollouts, then a reward actor after the first scored ones; both are restarted and the run equals
+    the clean one."""
     killed = {}
 
     def kill(system):
         pid = ray.get(system.samplers[0].pid.remote())
         _wait(lambda: system.rollout_q.puts(0) >= 1, "the first rollouts")
         os.kill(pid, signal.SIGKILL)
-        killed["pid"] = pid
-
-    rows, system = _fit(fault_cfg, tmp_path, kill)
-    try:
-        assert ray.get(system.samplers[0].pid.remote()) != killed["pid"]  # Ray restarted it
-        assert system.rollout_q.puts() == system.scored_q.puts() == 16  # 8 batches an epoch, each once
-        assert len(system.rollout_q) == len(system.scored_q) == 0
-    finally:
-        system.shutdown()
-    _same(rows, clean_rows)
-
-
-def test_sigkill_of_a_reward_actor_mid_epoch(fault_cfg, clean_rows, tmp_path):
-    killed = {}
-
-    def kill(system):
+        killed["sampler"] = pid
         pid = ray.get(system.rewarders[0].pid.remote())
         _wait(lambda: system.scored_q.puts(0) >= 2, "the first scored rollouts")
         os.kill(pid, signal.SIGKILL)
-        killed["pid"] = pid
+        killed["rewarder"] = pid
 
     rows, system = _fit(fault_cfg, tmp_path, kill)
     try:
-        assert ray.get(system.rewarders[0].pid.remote()) != killed["pid"]
-        assert system.rollout_q.puts() == system.scored_q.puts() == 16
+        assert ray.get(system.samplers[0].pid.remote()) != killed["sampler"]  # Ray restarted it
+        assert ray.get(system.rewarders[0].pid.remote()) != killed["rewarder"]
+        assert system.rollout_q.puts() == system.scored_q.puts() == 16  # 8 batches an epoch, each once
         assert len(system.rollout_q) == len(system.scored_q) == 0
     finally:
         system.shutdown()
