@@ -37,6 +37,13 @@ class SamplerActor(ActorProcess):
     def lora_state(self) -> dict[str, torch.Tensor]:
         return self.gen.lora_state()
 
+    def held(self) -> tuple[int, str]:
+        """(version, checksum) of the policy this sampler holds: a fresh one holds version 0, the seeded
+        initial LoRA (the driver samples with it before the learner is up)."""
+        from common.pipelines import lora_checksum
+
+        return self.gen.version, lora_checksum(self.gen.lora_state())
+
     def sample(self, queue, prompts: list[str], seeds: list[int], epoch: int, weights: tuple[int, list] | None) -> dict:
         """Sample epoch `epoch`'s training rollouts in sampler batches, putting each batch to `queue` as soon
         as it is done. `weights` = (version, [ObjectRef of the LoRA state]) the rollouts must come from: a

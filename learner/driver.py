@@ -22,8 +22,8 @@ from actors.reward import RewardActor
 from actors.sampler import SamplerActor
 from common.config import ActorResources, RunConfig
 from learner.actor import LearnerActor
-from learner.ray_metrics import RunMetrics
 from learner.loop import BackendLost, EpochInputs, EvalResult, Trainer, WeightSyncError, epoch_prompts  # noqa: F401  (re-exported)
+from learner.ray_metrics import RunMetrics
 
 
 class ActorStartTimeout(RuntimeError):
@@ -100,26 +100,55 @@ class RaySystem:
         learner_cls = ray.remote(LearnerActor).options(max_concurrency=2, **_opts(c.learner, w))
         self.learners = [learner_cls.remote(cfg) for _ in range(c.num_learners)]
         self.learner = self.learners[0]  # publishes weights, takes rollouts off the queue, checkpoints
-        starting = [a.ready.remote() for a in self.samplers + self.rewarders] + [
-            lr.publish.remote() for lr in self.learners
-        ]
-        done, waiting = ray.wait(starting, num_returns=len(starting), timeout=c.start_timeout_s)
-        if waiting:
-            self.shutdown()
-            raise ActorStartTimeout(
-                f"{len(waiting)} of {len(starting)} actors did not start within cluster.start_timeout_s="
-                f"{c.start_timeout_s:.0f} s: the cluster lacks the resources they ask for (cluster.sampler/reward/"
-                "learner.num_cpus and num_gpus) or cannot reach their dependencies; lower those or add nodes"
-            )
-        ray.get(done)
-        if c.num_learners > 1:  # one gloo group: gradients are summed across learners before every step
-            group = f"learners-{uuid.uuid4().hex[:8]}"
-            ray.get([lr.join_group.remote(c.num_learners, r, group) for r, lr in enumerate(self.learners)])
+        # Sampling does not wait for the learners: a fresh run's samplers already hold policy version 0 (the
+        # LoRA's initialisation is seeded), so the first evaluation and the first epoch's rollouts start while
+        # the learners still load; _await_learners checks their version 0 against the samplers' before training.
+        self._learner_start = [lr.publish.remote() for lr in self.learners]
+        self._unverified: str | None = None  # the samplers' version-0 checksum while no learner has confirmed it
         self._ahead = None  # (sampler futures, reward futures, items, epoch) of an epoch launched in advance
         self._weights = None  # (version, [ObjectRef]) last published: samplers restarted by Ray load it
+        self._wait_started([a.ready.remote() for a in self.samplers + self.rewarders], "sampler and reward")
         self.run_id = run_id
         self.metrics = RunMetrics(run_id)
         self.sync_ms: float | None = None
+
+    def _wait_started(self, starting: list, kind: str) -> list:
+        """ray.get of actor start-up calls, bounded by cluster.start_timeout_s; stops every actor on timeout."""
+        c = self.cfg.cluster
+        waiting = ray.wait(starting, num_returns=len(starting), timeout=c.start_timeout_s)[1]
+        if waiting:
+            self.shutdown()
+            raise ActorStartTimeout(
+                f"{len(waiting)} of {len(starting)} {kind} actors did not start within cluster.start_timeout_s="
+                f"{c.start_timeout_s:.0f} s: the cluster lacks the resources they ask for (cluster.sampler/reward/"
+                "learner.num_cpus and num_gpus) or cannot reach their dependencies; lower those or add nodes"
+            )
+        return ray.get(starting)
+
+    def _await_learners(self) -> None:
+        """Before the first call that needs the learners: wait for them to start, form their group, and check
+        that the policy the samplers used meanwhile (version 0) is the learners' version 0."""
+        if self._learner_start is None:
+            return
+        try:
+            published = self._wait_started(self._learner_start, "learner")
+        except ray.exceptions.RayActorError as err:  # a start-up failure is not a loss to restart from
+            self.shutdown()
+            raise RuntimeError(f"the learner actor failed to start: {err}") from err
+        self._learner_start = None
+        n = len(self.learners)
+        if n > 1:  # one gloo group: gradients are summed across learners before every step
+            group = f"learners-{uuid.uuid4().hex[:8]}"
+            ray.get([lr.join_group.remote(n, r, group) for r, lr in enumerate(self.learners)])
+        version, refs, checksum = published[0]
+        if self._unverified is not None:
+            if (version, checksum) != (0, self._unverified):
+                raise WeightSyncError(
+                    f"the samplers sampled with version 0 checksum {self._unverified} before the learner started; "
+                    f"the learner holds version {version} checksum {checksum}"
+                )
+            self._unverified = None
+            self._weights = (version, refs)
 
     @property
     def sampling_ahead(self) -> bool:
@@ -137,6 +166,12 @@ class RaySystem:
     def sync_weights(self) -> tuple[int, str]:
         """Broadcast the learner's LoRA (one ray.put) and verify every sampler's version and checksum."""
         t0 = time.perf_counter()
+        if self._learner_start is not None:  # a fresh run before the learners are up: the samplers hold version 0
+            held = set(ray.get([s.held.remote() for s in self.samplers]))
+            if len(held) != 1 or next(iter(held))[0] != 0:
+                raise WeightSyncError(f"fresh samplers disagree on version 0: (version, checksum) {sorted(held)}")
+            self._unverified = next(iter(held))[1]
+            return 0, self._unverified
         version, (ref,), checksum = ray.get(self.learner.publish.remote())
         self._weights = (version, [ref])
         answers = ray.get([s.set_weights.remote(version, ref) for s in self.samplers])
@@ -185,7 +220,8 @@ class RaySystem:
     def train_epoch(self, inputs: EpochInputs, next_inputs: EpochInputs | None, progress=None) -> dict:
         """One epoch through the actors. With `next_inputs` (max_staleness >= 1) the next epoch's sampling
         starts as soon as this epoch's rollouts are out of the samplers, before the learner trains."""
-        if self.cfg.algorithm.name == "alignprop":  # the learners sample with gradients; no rollouts to move
+        if self.cfg.algorithm.name == "alignprop":
+            self._await_learners()  # the learners sample with gradients; no rollouts to move
             learns = [lr.train_prompts.remote(inputs.prompts, inputs.seeds) for lr in self.learners]
             n = len(inputs[0])
             while progress is not None and len(
@@ -203,6 +239,7 @@ class RaySystem:
         launch, self._ahead = self._ahead or self.launch_sampling(inputs), None
         futs, rfuts, items, epoch = launch
         assert epoch == inputs.epoch, (epoch, inputs.epoch)
+        self._await_learners()  # the rollouts are under way meanwhile
         n = len(inputs.prompts)
         if next_inputs is not None:
             sample_stats = ray.get(futs)
@@ -263,8 +300,10 @@ class RaySystem:
 
     @_learner_loss
     def checkpoint_state(self) -> dict:
+        self._await_learners()
         return ray.get(self.learner.checkpoint_state.remote())
 
     @_learner_loss
     def restore(self, learner_state: dict, lora: dict) -> None:
+        self._await_learners()
         ray.get([lr.restore.remote(learner_state, lora) for lr in self.learners])

@@ -1,5 +1,7 @@
 """The distributed path on a local Ray: on-policy invariant, weight syncs, staleness."""
 
+import itertools
+
 import pytest
 import ray
 import torch
@@ -165,7 +167,7 @@ def test_sdxl_on_policy_invariant_through_the_distributed_path(ray_session, tiny
     for label in ("epoch 1/2", "epoch 2/2"):
         seen = [c for lab, c in progress if lab == label]
         assert seen[-1] == {"sampled": 8, "scored": 8, "trained": 8}, seen
-        assert all(a[k] <= b[k] for a, b in zip(seen, seen[1:]) for k in a), seen
+        assert all(a[k] <= b[k] for a, b in itertools.pairwise(seen) for k in a), seen
     for r in epochs:
         assert r["logprob_mismatch"] < 1e-4 and abs(r["ratio_mean"] - 1) < 1e-4, r
     ckpt = RunDir(tmp_path).latest_checkpoint()
@@ -273,5 +275,57 @@ def test_data_parallel_run_checkpoints_and_resumes(ray_session, tiny_cfg, tmp_pa
         assert len(set(ray.get([lr.checksum.remote() for lr in system.learners]))) == 1
         rows = trainer.fit()
         assert [r["policy_version"] for r in rows] == [3]
+    finally:
+        system.shutdown()
+
+
+def _gated_learner(gate, perturb: bool):
+    """A LearnerActor that does not finish starting until the file `gate` exists (and, with `perturb`, whose
+    version 0 differs from the samplers'): defined in a function so that Ray ships the class by value."""
+    from learner.actor import LearnerActor
+
+    class Gated(LearnerActor):
+        def __init__(self, cfg):
+            import time
+
+            while not gate.exists():
+                time.sleep(0.05)
+            super().__init__(cfg)
+            if perturb:
+                with torch.no_grad():
+                    self.learner.params[0].add_(1e-3)
+
+    return Gated
+
+
+def test_sampling_starts_before_the_learner_and_its_version_0_is_checked(ray_session, tiny_cfg, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """A fresh run evaluates and samples with the samplers' version 0 while the learner still loads (on a
+    cluster it loads a model of its own); training waits for it, and a learner whose version 0 is not what was
+    sampled with stops the run before any update."""
+    from learner import driver
+
+    cfg = _cfg(tiny_cfg, "cluster.num_samplers=1", "cluster.num_reward_actors=0", "train.epochs=1", "eval.every=1",
+               "eval.max_prompts=2")  # fmt: skip
+    gate = tmp_path / "go"
+    monkeypatch.setattr(driver, "LearnerActor", _gated_learner(gate, perturb=False))
+    system = RaySystem(cfg)  # returns once the sampler is up: the learner is still held at its gate
+    try:
+        version, checksum = system.sync_weights()
+        res = system.evaluate(["a red cube", "a blue ball"], [1, 2])
+        assert version == res.policy_version == 0 and len(res.rewards) == 2
+        assert not ray.wait(system._learner_start, timeout=0)[0]  # everything above ran without the learner
+        gate.touch()
+        rows = Trainer(cfg, _run_dir(tmp_path / "run", cfg), system, log=lambda *_: None).fit()
+        assert ray.get(system.learner.checksum.remote()) != checksum  # it trained, from what was sampled with
+    finally:
+        system.shutdown()
+    assert rows[0]["eval_policy_version"] == 0 and rows[0]["logprob_mismatch"] < 1e-4 and rows[1]["final_eval"]
+
+    monkeypatch.setattr(driver, "LearnerActor", _gated_learner(gate, perturb=True))
+    system = RaySystem(cfg)
+    try:
+        with pytest.raises(WeightSyncError, match="sampled with version 0 checksum"):
+            Trainer(cfg, _run_dir(tmp_path / "bad", cfg), system, log=lambda *_: None).fit()
     finally:
         system.shutdown()
