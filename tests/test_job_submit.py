@@ -50,6 +50,8 @@ def test_ray_start_then_job_submit_runs_a_tiny_training(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # Ray's own default, as a new user has it
     bin_dir = Path(sys.executable).parent
+    # the job's `python` is the head's PATH lookup: this interpreter's, also when pytest runs without the venv active
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     # every port the head listens on is a free one: the suite's own Ray holds the defaults (the dashboard
     # agent's 52365 above all; with it taken the job agent never starts: "No available agent to submit job")
     port, dash, agent, agent_grpc, client, metrics, rt_env = (_free_port() for _ in range(7))
