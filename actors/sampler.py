@@ -38,11 +38,9 @@ class SamplerActor(ActorProcess):
         return self.gen.lora_state()
 
     def held(self) -> tuple[int, str]:
-        """(version, checksum) of the policy this sampler holds: a fresh one holds version 0, the seeded
-        initial LoRA (the driver samples with it before the learner is up)."""
-        from common.pipelines import lora_checksum
-
-        return self.gen.version, lora_checksum(self.gen.lora_state())
+        """(version, checksum) of the policy this sampler holds (the driver samples with a fresh sampler's
+        version 0 before the learner is up)."""
+        return self.gen.held()
 
     def sample(self, queue, prompts: list[str], seeds: list[int], epoch: int, weights: tuple[int, list] | None) -> dict:
         """Sample epoch `epoch`'s training rollouts in sampler batches, putting each batch to `queue` as soon

@@ -36,7 +36,11 @@ class RolloutGenerator:
         """Load LoRA `state` as policy `version`; answer with the version and a checksum of what is now held."""
         load_lora_state(self.model.unet, state)
         self.version = version
-        return version, lora_checksum(lora_state(self.model.unet))
+        return self.held()
+
+    def held(self) -> tuple[int, str]:
+        """(version, checksum) of the policy held now; a fresh generator holds version 0, the seeded initial LoRA."""
+        return self.version, lora_checksum(lora_state(self.model.unet))
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return lora_state(self.model.unet)
