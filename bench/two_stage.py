@@ -8,7 +8,9 @@ objects (`shapes_order`). For each seed S, under OUT:
     first-sS/    stage 1: learner.main --config FIRST --set train.seed=S
     merged-sS/   stage 1's last complete checkpoint (or --checkpoint) fused into its base (bench/merge_lora.py)
     second-sS/   stage 2: learner.main --config SECOND --set model.pretrained=OUT/merged-sS --set train.seed=S
-    summary.json the paired changes over the original base per seed and over seeds (bench/stage_changes.py)
+    summary.json the paired changes over the original base per seed and over seeds (bench/stage_changes.py),
+                 for these seeds and any others done under OUT with the same settings (seeds launched as
+                 separate processes side by side end with one summary)
     stages.png   per metric, each seed's change after stage 1 and after both, with the mean and its 95% CI
 
     python bench/two_stage.py --out runs/two_stage --seeds 0,1,2 --threads 2
@@ -35,6 +37,38 @@ from bench.runs import RunSpec, is_done, launch_all
 
 def stage_dirs(out: Path, seed: int) -> tuple[Path, Path, Path]:
     return out / f"first-s{seed}", out / f"merged-s{seed}", out / f"second-s{seed}"
+
+
+def arm_settings(run: Path, stage: str) -> dict:
+    """A stage's resolved config without what differs between the seeds of one arm: the seed, where the run
+    wrote, how many threads it had, and (stage 2) which seed's fused model it started from."""
+    from common.config import read_config_source
+
+    c = read_config_source(str(run / "config.yaml"))
+    for section, key in (("train", "seed"), ("output", "dir")):
+        c.get(section, {}).pop(key, None)
+    c.pop("cluster", None)
+    if stage == "second":
+        c.get("model", {}).pop("pretrained", None)
+    return c
+
+
+def seeds_of_the_same_arm(out: Path, seed: int) -> list[int]:
+    """Every seed under OUT whose two stages are done with the same settings as `seed`'s: seeds of one arm
+    launched side by side (one `--seeds S` process each) summarise together, whichever finishes last."""
+    ref = {stage: arm_settings(d, stage) for stage, d in zip(("first", "second"), stage_dirs(out, seed)[::2])}
+    found = []
+    for first in out.glob("first-s*"):
+        tail = first.name[len("first-s"):]
+        if not tail.isdigit():
+            continue
+        other = int(tail)
+        _, _, second = stage_dirs(out, other)
+        if not (is_done(first) and is_done(second)):
+            continue
+        if arm_settings(first, "first") == ref["first"] and arm_settings(second, "second") == ref["second"]:
+            found.append(other)
+    return sorted(found)
 
 
 def run_seed(args: argparse.Namespace, seed: int, log=print) -> tuple[Path, Path]:
@@ -86,6 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
         stage_changes,
     )
 
+    others = [s for s in seeds_of_the_same_arm(args.out, seeds[0]) if s not in seeds]
+    if others:
+        print(f"also summarising seeds {', '.join(map(str, others))}: done under {args.out} with the same settings")
+        seeds = sorted(seeds + others)
+        pairs = [stage_dirs(args.out, s)[::2] for s in seeds]
     per_seed = {}
     for seed, (first, second) in zip(seeds, pairs):
         per_seed[seed] = stage_changes(first, second)

@@ -69,3 +69,27 @@ def test_stage_two_model_is_not_overridable(tmp_path):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--second-set", "model.pretrained=tiny"])
     assert not any(tmp_path.iterdir())
+
+
+def test_seeds_launched_side_by_side_summarise_together(tmp_path):
+    """One `--seeds S` process per seed (the way 3 seeds share 2 cores): whichever finishes last finds the
+    others' done pairs with the same settings; a seed with other settings, or a stage not done, is left out."""
+    from bench.two_stage import seeds_of_the_same_arm
+    from common.config import dump_config
+
+    def fake_run(path, overrides, done=True):
+        path.mkdir(parents=True)
+        (path / "config.yaml").write_text(dump_config(load_config("tiny", overrides)))
+        rows = [{"epoch": 1}] + ([{"epoch": 1, "final_eval": True}] if done else [])
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    arm = ["algorithm.learning_rate=0.05"]
+    for seed, first_set, threads, second_done in [(0, arm, 1, True), (1, arm, 1, False), (2, [], 1, True),
+                                                  (3, arm, 2, True), (4, arm, 1, True)]:  # fmt: skip
+        first, merged, second = stage_dirs(tmp_path, seed)
+        common = [f"train.seed={seed}", f"cluster.local_torch_threads={threads}"]
+        fake_run(first, first_set + common + [f"output.dir={first}"])
+        fake_run(second, common + [f"model.pretrained={merged}", f"output.dir={second}"], done=second_done)
+    # seed 1: stage 2 unfinished; seed 2: stage 1 at another learning rate (another arm); seed 3: other threads only
+    assert seeds_of_the_same_arm(tmp_path, 0) == [0, 3, 4]
+    assert seeds_of_the_same_arm(tmp_path, 2) == [2]
