@@ -33,7 +33,8 @@ DEFAULT_PRESET = "shapes_quick"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m learner.main",
-        description="Reward fine-tuning of diffusion models (DDPO, AlignProp, RWR) with DiffExp exploration, on Ray or locally.",
+        description="Reward fine-tuning of diffusion models (DDPO, AlignProp, RWR) with DiffExp "
+        "exploration, on Ray or locally.",
         epilog=f"presets: {', '.join(preset_names())}. Example: python -m learner.main --config tiny "
         "--set train.epochs=5 --set exploration.enabled=false",
     )
