@@ -105,6 +105,26 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else []
 
 
+def chain_rows(first: list[dict], second: list[dict]) -> list[dict]:
+    """The metric rows of two stages as one run (a second stage trained on the first's fused model,
+    bench/two_stage.py): the second's reward queries, its evaluations' too, offset by the first's last, and its
+    evaluation of the fused model before any update (the first's final policy, so a repeat of the first's
+    last evaluation) dropped, so that its evaluation curve continues the first's."""
+    if not first:
+        return list(second)
+    offset = first[-1]["reward_queries"]
+    out = list(first)
+    for r in second:
+        r = dict(r, reward_queries=r["reward_queries"] + offset)
+        if "eval_reward_queries" in r:
+            if r.get("eval_policy_version", 1) == 0:
+                r = {k: v for k, v in r.items() if not k.startswith("eval_")}
+            else:
+                r["eval_reward_queries"] += offset
+        out.append(r)
+    return out
+
+
 def eval_curve(rows: list[dict], key: str) -> list[tuple[int, float, float]]:
     """(reward queries, mean, 95% CI half-width) of evaluation metric `key` (e.g. eval_shapes_full)."""
     return [(r.get("eval_reward_queries", r["reward_queries"]), r[key + "_mean"], r.get(key + "_ci95", 0.0))

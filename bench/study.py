@@ -24,6 +24,13 @@ Studies grow by seeds across sessions and machines: the paired.json written to -
 curves, and `--pool A/paired.json --pool B/paired.json --out C` analyses the seeds of both as one study
 (refused if their protocols, query points or seeds clash). docs/data/ keeps the reported studies' files.
 
+`--two-stage ARM=DIR` (repeated) analyses bench/two_stage.py studies the same way, nothing run: each seed's first
+stage and second stage as one curve (the second's reward queries after the first's; its evaluation of the fused
+model, a repeat of the first's last, dropped), diversity from the second stage's final images:
+
+    python bench/study.py --out runs/two_stage_study --two-stage plain=runs/two_stage_plain \
+        --two-stage cfg=runs/two_stage_cfg --two-stage weights=runs/two_stage_weights
+
 The protocol (arms, budget, seeds, evaluation) is fixed by these arguments; report whatever it gives.
 """
 
@@ -36,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.runs import RunSpec, eval_curve, launch_all, read_rows, seed_mean_ci
+from bench.runs import RunSpec, chain_rows, eval_curve, is_done, launch_all, read_rows, seed_mean_ci
 from bench.study_paired import analyse_paired, plot_curves, pool_paired, reach, run_paired, write_paired
 
 ARMS: dict[str, list[str]] = {
@@ -74,25 +81,31 @@ def diversity_at_end(run: Path) -> dict[str, float]:
     return image_diversity(files[0]) if files else {}
 
 
-def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) -> dict:
+def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str], run_dir=None, rows_of=None) -> dict:
+    """Per arm and metric: each seed's evaluation curve, the seed-mean curve with its 95% CI, the queries to
+    reach the plain arm's final, and each seed's final minus the plain arm's final of the same seed (same
+    prompts and noise, so the seed's own variation cancels). `run_dir(arm, seed)` is where a run lives
+    (default out/ARM-sSEED), `rows_of(arm, seed)` its metric rows (default: that directory's)."""
+    run_dir = run_dir or (lambda arm, s: out / f"{arm}-s{s}")
+    rows_of = rows_of or (lambda arm, s: read_rows(run_dir(arm, s)))
     res: dict = {"arms": {}, "metrics": metrics}
-    first = read_rows(out / f"{arms[0]}-s{seeds[0]}")
+    first = rows_of(arms[0], seeds[0])
     for arm in arms:
-        runs = {s: read_rows(out / f"{arm}-s{s}") for s in seeds}
+        runs = {s: rows_of(arm, s) for s in seeds}
         a: dict = {}
         for m in metrics:
             base = [p for p in eval_curve(first, m) if p[0] == 0][:1]  # the shared evaluation of the base model
-            curves = [eval_curve(rows, m) for rows in runs.values() if rows]
-            curves = [c if c and c[0][0] == 0 else base + c for c in curves]
+            curves = {s: eval_curve(rows, m) for s, rows in runs.items() if rows}
+            curves = {s: c if c and c[0][0] == 0 else base + c for s, c in curves.items()}
             if not curves:
                 continue
             points = []
-            for j in range(min(len(c) for c in curves)):
-                q = curves[0][j][0]
-                mean, ci = seed_mean_ci([c[j][1] for c in curves])
+            for j in range(min(len(c) for c in curves.values())):
+                q = next(iter(curves.values()))[j][0]
+                mean, ci = seed_mean_ci([c[j][1] for c in curves.values()])
                 points.append((q, mean, ci))
-            a[m] = {"per_seed": curves, "mean": points}
-        divs = [diversity_at_end(out / f"{arm}-s{s}") for s in seeds]
+            a[m] = {"seeds": list(curves), "per_seed": list(curves.values()), "mean": points}
+        divs = [diversity_at_end(run_dir(arm, s)) for s in seeds]
         divs = [d for d in divs if d]
         if divs:
             keys = ("position_spread", "pixel_distance", "extra_objects")
@@ -102,7 +115,17 @@ def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) ->
     for m in metrics:
         if m not in res["arms"].get("plain", {}):
             continue
-        target = res["arms"]["plain"][m]["mean"][-1][1]
+        plain = res["arms"]["plain"][m]
+        target = plain["mean"][-1][1]
+        plain_end = {s: c[-1] for s, c in zip(plain["seeds"], plain["per_seed"])}
+        for arm in arms:
+            a = res["arms"][arm].get(m)
+            if arm == "plain" or a is None:
+                continue
+            same = [(c[-1][1] - plain_end[s][1]) for s, c in zip(a["seeds"], a["per_seed"])
+                    if s in plain_end and c[-1][0] == plain_end[s][0]]  # fmt: skip
+            if same:
+                a["minus_plain"] = {"per_seed": same, "mean": seed_mean_ci(same)}
         for arm in arms:
             if m not in res["arms"][arm]:
                 continue
@@ -117,8 +140,8 @@ def analyse(out: Path, arms: list[str], seeds: list[int], metrics: list[str]) ->
 def markdown(res: dict) -> str:
     lines = []
     for m in res["metrics"]:
-        lines += [f"### {m}", "", "| arm | start | end | change | queries to reach the plain arm's final (reached/seeds) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        head = "| arm | start | end | change | end minus plain's, same seed | queries to reach the plain arm's final |"
+        lines += [f"### {m}", "", head, "|---|---|---|---|---|---|"]
         for arm, a in res["arms"].items():
             if m not in a:
                 continue
@@ -127,13 +150,19 @@ def markdown(res: dict) -> str:
             ch, chc = seed_mean_ci(per)
             r = a[m].get("reach", {})
             rq = r.get("queries")
-            if a[m].get("reach_target", float("inf")) <= s:
+            if "reach" not in a[m]:
+                reach_txt = ""
+            elif a[m].get("reach_target", float("inf")) <= s:
                 reach_txt = "n/a: the plain arm's final is not above the base model"
             elif rq:
                 reach_txt = f"{rq[0]:.0f} ± {rq[1]:.0f} ({r['reached']}/{r['of']})"
             else:
                 reach_txt = f"never (0/{r.get('of', 0)})"
-            lines.append(f"| {arm} | {s:.3f} ± {sc:.3f} | {e:.3f} ± {ec:.3f} (at {q1} queries) | {ch:+.3f} ± {chc:.3f} | {reach_txt} |")
+            mp = a[m].get("minus_plain")
+            mp_txt = (f"{mp['mean'][0]:+.3f} ± {mp['mean'][1]:.3f} ({' / '.join(f'{d:+.3f}' for d in mp['per_seed'])})"
+                      if mp else "")  # fmt: skip
+            lines.append(f"| {arm} | {s:.3f} ± {sc:.3f} | {e:.3f} ± {ec:.3f} (at {q1} queries) | {ch:+.3f} ± {chc:.3f} "
+                         f"| {mp_txt} | {reach_txt} |")  # fmt: skip
         lines.append("")
     if any("diversity_end" in a for a in res["arms"].values()):
         lines += ["### the final policy's images (first evaluation set): diversity and extra objects", "",
@@ -147,8 +176,43 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
-    plot_curves(res, res["metrics"][:4], path, str, "evaluation: mean over seeds, 95% CI")
+TITLES = {"eval_shapes_full": "training prompts: full success", "eval_reward": "training prompts: reward",
+          "eval_shapes_pairs_heldout_shapes_full": "held-out prompts: full success",
+          "eval_shapes_pairs_heldout_reward": "held-out prompts: reward"}  # fmt: skip
+
+
+def plot(res: dict, path: Path, marks: dict[float, str] | None = None) -> None:
+    plot_curves(res, res["metrics"][:4], path, lambda k: TITLES.get(k, k), "evaluation: mean over seeds, 95% CI",
+                marks=marks)  # fmt: skip
+
+
+def analyse_two_stage(args: argparse.Namespace) -> dict:
+    """--two-stage: each arm's both stages as one evaluation curve per seed, analysed as a study's arms."""
+    dirs: dict[str, Path] = {}
+    for spec in args.two_stage:
+        label, sep, d = spec.partition("=")
+        if not sep or not label or not d:
+            raise SystemExit(f"--two-stage {spec!r}: expected ARM=DIR, e.g. plain=runs/two_stage_plain")
+        dirs[label] = Path(d)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    missing = [f"{d}/{st}-s{s}" for d in dirs.values() for s in seeds for st in ("first", "second")
+               if not is_done(d / f"{st}-s{s}")]  # fmt: skip
+    if missing:
+        raise SystemExit(f"--two-stage: not finished (no final evaluation): {', '.join(missing)}; finish them with "
+                         "bench/two_stage.py or choose --seeds")  # fmt: skip
+    arms = list(dirs)
+    res = analyse(args.out, arms, seeds, args.metrics.split(","), run_dir=lambda a, s: dirs[a] / f"second-s{s}",
+                  rows_of=lambda a, s: chain_rows(read_rows(dirs[a] / f"first-s{s}"), read_rows(dirs[a] / f"second-s{s}")))  # fmt: skip
+    res["protocol"] = {"two_stage": {a: str(d) for a, d in dirs.items()}, "seeds": seeds}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "study.json").write_text(json.dumps(res, indent=1))
+    md = (f"two stages per seed (bench/two_stage.py), seeds {seeds}: "
+          + ", ".join(f"{a} = `{d}`" for a, d in dirs.items()) + "\n\n" + markdown(res))  # fmt: skip
+    (args.out / "study.md").write_text(md)
+    stage2 = sorted({read_rows(dirs[a] / f"first-s{s}")[-1]["reward_queries"] for a in arms for s in seeds})
+    plot(res, args.out / "study.png", {q: "stage 2" for q in stage2})
+    print(md)
+    return res
 
 
 def main() -> None:
@@ -173,7 +237,14 @@ def main() -> None:
     ap.add_argument("--pool", action="append", default=[], type=Path, metavar="PAIRED_JSON",
                     help="pool the seeds of several studies' paired.json (same protocol) into one paired analysis "
                     "in --out; nothing is run")
+    ap.add_argument("--two-stage", action="append", default=[], metavar="ARM=DIR",
+                    help="analyse bench/two_stage.py studies instead (nothing is run): per seed, DIR/first-sS and "
+                    "DIR/second-sS as one curve (the second's queries follow the first's); the reference arm must be "
+                    "called plain; writes study.json, study.md and study.png to --out")
     args = ap.parse_args()
+    if args.two_stage:
+        analyse_two_stage(args)
+        return
     if args.pool:
         args.out.mkdir(parents=True, exist_ok=True)
         pres = pool_paired(args.pool)

@@ -206,9 +206,11 @@ def markdown_paired(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(res: dict, keys: list[str], path: Path, title, suptitle: str, paired: bool = False) -> None:
+def plot_curves(res: dict, keys: list[str], path: Path, title, suptitle: str, paired: bool = False,
+                marks: dict[float, str] | None = None) -> None:
     """One panel per key of `res["arms"][arm]`: each arm's seed-mean curve against reward queries with its 95%
-    CI. `paired` curves are changes from the base model: a zero line, and the arms offset slightly."""
+    CI. `paired` curves are changes from the base model: a zero line, and the arms offset slightly. `marks`:
+    dashed vertical lines at these reward queries, labelled (e.g. where a second stage starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,6 +227,10 @@ def plot_curves(res: dict, keys: list[str], path: Path, title, suptitle: str, pa
                 ax.errorbar([x + dx for x in q], y, yerr=c, marker="o", capsize=3, label=arm)
         if paired:
             ax.axhline(0.0, color="grey", lw=0.8)
+        for x, label in (marks or {}).items():
+            ax.axvline(x, color="grey", ls="--", lw=0.8)
+            ax.annotate(label, (x, 0.02), xycoords=("data", "axes fraction"), fontsize=7, color="grey",
+                        xytext=(3, 0), textcoords="offset points")  # fmt: skip
         ax.set_title(title(key), fontsize=9)
         ax.set_xlabel("reward queries (training images scored)")
         ax.grid(alpha=0.3)

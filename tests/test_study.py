@@ -131,3 +131,48 @@ def test_run_pool_runs_jobs_in_parallel_and_names_the_failures(tmp_path):
     assert failed == ["bad"] and time.time() - t0 < 20
     assert (tmp_path / "logs" / "bad.log").read_text().strip() == "broken"
     assert any(line.startswith("FAILED (exit 5") and "bad.log" in line for line in lines)
+
+
+def _write_stage(path, points, start_queries=0):
+    """metrics.jsonl of one stage: an evaluation (queries, value) per point, the first before any update."""
+    path.mkdir(parents=True)
+    rows = [{"epoch": i, "reward_queries": max(q, 1), "eval_reward_queries": q, "eval_policy_version": i,
+             "eval_shapes_full_mean": y, "eval_shapes_full_ci95": 0.05} for i, (q, y) in enumerate(points)]  # fmt: skip
+    rows[-1]["reward_queries"] = points[-1][0]
+    rows[-1]["final_eval"] = True
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_two_stage_curves_continue_across_stages_and_subtract_plain_seed_by_seed(tmp_path, monkeypatch):
+    import sys
+
+    from bench import study
+    from bench.runs import chain_rows, eval_curve, read_rows
+
+    # per seed: first stage 0 -> 100 queries, second stage (its 0 row = the fused first stage) 0 -> 40 -> 80
+    ends = {("plain", 0): 0.8, ("plain", 1): 0.9, ("cfg", 0): 0.75, ("cfg", 1): 0.8}
+    for (arm, s), end in ends.items():
+        _write_stage(tmp_path / arm / f"first-s{s}", [(0, 0.6), (100, 0.5 + s / 10)])
+        _write_stage(tmp_path / arm / f"second-s{s}", [(0, 0.5 + s / 10), (40, end - 0.05), (80, end)])
+    rows = chain_rows(read_rows(tmp_path / "cfg/first-s1"), read_rows(tmp_path / "cfg/second-s1"))
+    assert [(q, round(y, 3)) for q, y, _ in eval_curve(rows, "eval_shapes_full")] == [
+        (0, 0.6), (100, 0.6), (140, 0.75), (180, 0.8)]  # the fused model's repeat of (100, 0.6) is dropped
+    assert rows[-1]["reward_queries"] == 180
+
+    out = tmp_path / "study"
+    argv = ["study.py", "--out", str(out), "--seeds", "0,1", "--metrics", "eval_shapes_full",
+            "--two-stage", f"plain={tmp_path / 'plain'}", "--two-stage", f"cfg={tmp_path / 'cfg'}"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(study, "diversity_at_end", lambda run: {})
+    study.main()
+    res = json.loads((out / "study.json").read_text())
+    cfg = res["arms"]["cfg"]["eval_shapes_full"]
+    assert [p[0] for p in cfg["mean"]] == [0, 100, 140, 180]
+    assert cfg["minus_plain"]["per_seed"] == pytest.approx([-0.05, -0.1])
+    assert cfg["minus_plain"]["mean"] == pytest.approx(list(seed_mean_ci([-0.05, -0.1])))
+    assert cfg["reach"]["reached"] == 0  # cfg never reaches plain's final mean, 0.85
+    assert "| cfg |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
+
+    (tmp_path / "cfg/second-s1/metrics.jsonl").unlink()
+    with pytest.raises(SystemExit, match="cfg/second-s1"):
+        study.main()
