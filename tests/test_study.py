@@ -133,7 +133,7 @@ def test_run_pool_runs_jobs_in_parallel_and_names_the_failures(tmp_path):
     assert any(line.startswith("FAILED (exit 5") and "bad.log" in line for line in lines)
 
 
-def _write_stage(path, points, start_queries=0):
+def _write_stage(path, points):
     """metrics.jsonl of one stage: an evaluation (queries, value) per point, the first before any update."""
     path.mkdir(parents=True)
     rows = [{"epoch": i, "reward_queries": max(q, 1), "eval_reward_queries": q, "eval_policy_version": i,
