@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Write the grid; returns both halves' per-image rewards (`base`, `tuned`, prompt-major) and `base_model`."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--prompts", type=int, default=8)
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--base-model", help="the left half from this model (LoRA off), not the run's model.pretrained")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -84,6 +85,7 @@ def main() -> None:
         shutil.copy(grid, args.out)
     print(f"{args.run} ({ckpt.name}) on {Path(src).stem}, {len(prompts)} images each: reward base ({base_name}) "
           f"{float(base_r.mean()):.3f} -> tuned {float(tuned_r.mean()):.3f}; grid: left {n} base, right {n} tuned -> {args.out}")
+    return {"base": base_r, "tuned": tuned_r, "base_model": base_name, "prompts": prompts}
 
 
 if __name__ == "__main__":

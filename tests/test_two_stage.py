@@ -58,6 +58,22 @@ def test_two_stages_per_seed_and_their_total_over_the_base(tmp_path, capsys):
     assert abs(got["tuned"] - final_row["eval_reward_mean"]) < 5e-3  # one set: no set name in the keys
     assert abs(got["diff"] - rows["reward"]["diff"]) < 5e-3
 
+    # bench/before_after.py --base-model: the left half comes from the original base, not the fused first stage
+    from bench.before_after import main as before_after
+
+    grid = ["--prompts", "2", "--images", "2", "--threads", "1"]
+    original = load_config(str(first / "config.yaml")).model.pretrained
+    one = before_after([str(first), *grid, "--out", str(tmp_path / "one.png")])  # stage 1 against the base
+    fused = before_after([str(second), *grid, "--out", str(tmp_path / "fused.png")])  # stage 2 against stage 1
+    both = before_after([str(second), *grid, "--base-model", original, "--out", str(tmp_path / "both.png")])
+    assert both["base_model"] == original and fused["base_model"] == str(merged.resolve())
+    assert one["prompts"] == both["prompts"] == fused["prompts"]
+    assert (both["base"] - one["base"]).abs().max() < 1e-6  # the same base, prompts and noise
+    assert (fused["base"] - one["tuned"]).abs().max() < 5e-3  # the fused model is stage 1's policy
+    assert (both["tuned"] - fused["tuned"]).abs().max() < 1e-6  # the right half does not depend on --base-model
+    assert (both["base"] - fused["base"]).abs().max() > 1e-3  # stage 1 (lr 0.05) moved the left half
+    assert (tmp_path / "both.png").stat().st_size > 0
+
     mtimes = {p: p.stat().st_mtime for p in out.glob("*/config.yaml")}
     again = main(argv)  # everything is done: nothing runs again, the summary is the same
     assert {p: p.stat().st_mtime for p in out.glob("*/config.yaml")} == mtimes
