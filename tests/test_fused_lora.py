@@ -40,9 +40,8 @@ def test_fused_sampling_is_the_unfused_policy_and_restores_the_modules(tiny_cfg)
     assert (a.images.int() - b.images.int()).abs().max() <= 1
     # fusing changed the forward (an untouched UNet would make this test vacuous): with the adapters off and
     # the base weights as loaded, the chain is another one
-    with torch.no_grad():
-        with fused_lora(fused.model.unet):
-            w = {n: p.detach().clone() for n, p in fused.model.unet.named_parameters() if "base_layer" in n}
+    with torch.no_grad(), fused_lora(fused.model.unet):
+        w = {n: p.detach().clone() for n, p in fused.model.unet.named_parameters() if "base_layer" in n}
     assert any(not torch.equal(w[n], before[n][0]) for n in w)
 
     after = _unet_state(fused.model.unet)  # every weight and requires_grad flag back exactly
