@@ -12,6 +12,9 @@ Measured per family, printed as one JSON document (and written to --out):
   update_s_per_sample, peak_gb     one DDPO update over a scored batch at the preset's memory settings
   lora_sync_ms                     learner -> sampler LoRA copy with checksum (the local sync's work)
   logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
+  sampler_fused_img_s              the sampler with sampling.fuse_lora (LoRA folded into the weights per call)
+  logprob_mismatch_after_update    max |recomputed - sampled| log-prob over every step of 4 samples drawn
+                                   after the update (non-zero LoRA), from the unfused and the fused sampler
   alignprop                        AlignProp update seconds per sample and peak memory for each K
 
     python bench/gpu.py                      # on a GPU: sd15 and sdxl at full size (< 5 minutes on an H100)
@@ -150,6 +153,10 @@ def bench_family(family: str, args, log) -> dict:
     gen.generate(prompts, seeds)  # warm-up
     batch, t_ours = _timed(lambda: gen.generate(prompts, seeds), device)
     res["sampler_img_s"] = round(args.batch / t_ours, 3)
+    gen.cfg.sampling.fuse_lora = True  # sampling.fuse_lora: the LoRA folded into the weights for each call
+    _, t_fused = _timed(lambda: gen.generate(prompts, seeds), device)
+    gen.cfg.sampling.fuse_lora = False
+    res["sampler_fused_img_s"] = round(args.batch / t_fused, 3)
     ref = models[0].pipe
     kw = dict(num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, output_type="pt",
               height=models[0].height, width=models[0].width)  # fmt: skip
@@ -164,8 +171,9 @@ def bench_family(family: str, args, log) -> dict:
     res["pipeline_with_lora_img_s"] = round(args.batch / t_lora, 3)
     res["pipeline_img_s"] = round(args.batch / t_ref, 3)
     res["sampler_vs_pipeline"] = round(t_ref / t_ours, 3)
-    log(f"[{family}] sampler {res['sampler_img_s']} img/s, diffusers pipeline {res['pipeline_img_s']} img/s "
-        f"({res['pipeline_with_lora_img_s']} with our LoRA adapter)")
+    res["sampler_fused_vs_pipeline"] = round(t_ref / t_fused, 3)
+    log(f"[{family}] sampler {res['sampler_img_s']} img/s ({res['sampler_fused_img_s']} fused), diffusers pipeline "
+        f"{res['pipeline_img_s']} img/s ({res['pipeline_with_lora_img_s']} with our LoRA adapter)")
 
     batch.rewards = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
     if device.startswith("cuda"):
@@ -184,12 +192,40 @@ def bench_family(family: str, args, log) -> dict:
     version, state = learner.weights()
     _, t_sync = _timed(lambda: gen.set_weights(version, state), device)
     res["lora_sync_ms"] = round(1000 * t_sync, 1)
+    res["logprob_mismatch_after_update"] = {
+        name: mismatch(gen, learner, prompts[:4], seeds[:4], fuse) for name, fuse in (("unfused", False), ("fused", True))
+    }  # fmt: skip
     res["alignprop"] = bench_alignprop(cfg, models[1], args, device)
     log(f"[{family}] update {res.get('update_s_per_sample')} s/sample, peak {res.get('peak_gb', '-')} GB, sync {res['lora_sync_ms']} ms")
     del gen, learner, models, batch
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return res
+
+
+@torch.no_grad()
+def mismatch(gen, learner, prompts: list[str], seeds: list[int], fuse: bool) -> float:
+    """max |learner's recomputed - sampler's| log-prob over every step of a few fresh samples, the sampler
+    fused or not: after an update the LoRA is non-zero, so fusing rounds the weights differently."""
+    from common.models.base import cond_index
+    from common.sampling import recompute_logprobs
+
+    gen.cfg.sampling.fuse_lora = fuse
+    try:
+        b = gen.generate(prompts, seeds)
+    finally:
+        gen.cfg.sampling.fuse_lora = False
+    n, t = b.log_probs.shape
+    rows_all, j_all = torch.arange(n).repeat_interleave(t), torch.arange(t).repeat(n)
+    per_call = max(1, (learner.cfg.algorithm.max_unet_batch or 2 * n * t) // 2)  # the learner's memory bound
+    worst = 0.0
+    for p0 in range(0, n * t, per_call):
+        rows, j = rows_all[p0 : p0 + per_call], j_all[p0 : p0 + per_call]
+        lp = recompute_logprobs(learner.model, b.latents[rows, j], b.latents[rows, j + 1], b.timesteps[j],
+                                cond_index(b.cond, rows), learner.uncond, b.guidance[rows, j],
+                                learner.cfg.sampling.num_steps, learner.cfg.sampling.eta)  # fmt: skip
+        worst = max(worst, float((lp.float().cpu() - b.log_probs[rows, j]).abs().max()))
+    return float(f"{worst:.3g}")
 
 
 def bench_alignprop(cfg, model, args, device: str) -> list[dict]:

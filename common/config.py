@@ -75,6 +75,13 @@ class SamplingConfig(_Strict):
         description="Image size: one int (square) or [height, width]; null means the model's native size "
         "(512 for SD1.x, 1024 for SDXL, 64 for tiny and shapes-base). Must suit the VAE and UNet downsampling.",
     )
+    fuse_lora: bool = Field(
+        False,
+        description="Samplers fold the LoRA into the frozen UNet weights for each generate call (one matmul a "
+        "layer instead of three; the base weights are swapped back after, not subtracted). Faster, and in "
+        "float32 on-policy to ~1e-6; in bf16 the fused weights round differently from the learner's unfused "
+        "forward, so check logprob_mismatch.",
+    )
 
 
 class CfgScheduleConfig(_Strict):

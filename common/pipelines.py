@@ -8,6 +8,7 @@ SD1.x/2.x and SDXL checkpoints, the built-in random `tiny` and `tiny-sdxl` model
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -269,6 +270,40 @@ def load_lora_state(unet: UNet2DConditionModel, state: dict[str, torch.Tensor]) 
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n].to(p.device, p.dtype))
+
+
+@contextlib.contextmanager
+def fused_lora(unet: UNet2DConditionModel):
+    """Run `unet` with each LoRA layer folded into its base weight: W0 + scaling * B @ A, computed in float32
+    and cast to W0's dtype, with the adapters off. Afterwards the original W0 tensors are put back (swapped,
+    never subtracted, so nothing drifts) and the adapters and their requires_grad flags are as before."""
+    from peft.tuners.lora import LoraLayer
+
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in unet.modules():
+                if not isinstance(m, LoraLayer) or m.disable_adapters or m.merged:
+                    continue
+                active = [a for a in m.active_adapters if a in m.lora_A]
+                if not active:
+                    continue
+                base = m.get_base_layer()
+                grads = [(p, p.requires_grad) for p in m.parameters() if p is not base.weight]
+                w0 = base.weight.data
+                fused = w0.float()
+                for a in active:
+                    fused = fused + m.get_delta_weight(a).float()
+                saved.append((m, base, w0, grads))
+                base.weight.data = fused.to(w0.dtype)
+                m.enable_adapters(False)
+        yield unet
+    finally:
+        for m, base, w0, grads in reversed(saved):
+            base.weight.data = w0
+            m.enable_adapters(True)
+            for p, flag in grads:
+                p.requires_grad_(flag)
 
 
 def lora_checksum(state: dict[str, torch.Tensor]) -> str:

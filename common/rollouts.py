@@ -11,7 +11,7 @@ import torch
 
 from common.config import RunConfig
 from common.exploration import plan_rollout
-from common.pipelines import load_lora_state, load_policy, lora_checksum, lora_state
+from common.pipelines import fused_lora, load_lora_state, load_policy, lora_checksum, lora_state
 from common.sampling import sample_rollout
 from common.trajectory import TrajectoryBatch
 
@@ -48,7 +48,15 @@ class RolloutGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], explore: bool = True, on_batch=None) -> TrajectoryBatch:
         """Sample one trajectory per (prompt, seed); exploration only if `explore` (training rollouts).
-        `on_batch(samples_done)` is called after each sampler batch (progress)."""
+        `on_batch(samples_done)` is called after each sampler batch (progress). With `sampling.fuse_lora` the
+        LoRA is folded into the UNet's weights for the call (the local backend's learner shares these modules,
+        so they are unfolded before it returns)."""
+        if not self.cfg.sampling.fuse_lora:
+            return self._generate(prompts, seeds, explore, on_batch)
+        with fused_lora(self.model.unet):
+            return self._generate(prompts, seeds, explore, on_batch)
+
+    def _generate(self, prompts: list[str], seeds: list[int], explore: bool, on_batch) -> TrajectoryBatch:
         s = self.cfg.sampling
         out = []
         for i in range(0, len(prompts), s.batch_size):

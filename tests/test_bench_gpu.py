@@ -24,4 +24,7 @@ def test_gpu_bench_small_runs_both_families_without_ray():
         assert r["sampler_img_s"] > 0 and r["pipeline_img_s"] > 0 and r["lora_sync_ms"] > 0
         assert r["update_s_per_sample"] > 0
         assert r["logprob_mismatch"] < 1e-4  # float32 on the CPU: on-policy up to float error
+        assert r["sampler_fused_img_s"] > 0  # the fused sampler is on-policy too (its LoRA is non-zero by then)
+        assert set(r["logprob_mismatch_after_update"]) == {"unfused", "fused"}
+        assert all(v < 1e-4 for v in r["logprob_mismatch_after_update"].values())
         assert [a["k"] for a in r["alignprop"]] == [1, 3] and all(a["s_per_sample"] > 0 for a in r["alignprop"])

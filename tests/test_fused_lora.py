@@ -1,0 +1,76 @@
+"""sampling.fuse_lora: samplers fold the LoRA into the UNet's weights per generate call; the policy, its
+log-probs and the modules the learner shares must be what they are without it."""
+
+import torch
+
+from common.pipelines import fused_lora
+from common.rollouts import RolloutGenerator
+from learner.ddpo import DDPOLearner
+
+PROMPTS = ["a photo of a cat", "a photo of a dog"] * 4
+
+
+def _moved_learner(cfg) -> DDPOLearner:
+    """A learner whose LoRA is far from zero (B starts at zero, where fusing would change nothing)."""
+    learner = DDPOLearner(cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in learner.params:
+            p.normal_(std=0.05)
+    learner.version = 3
+    return learner
+
+
+def _unet_state(unet):
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in unet.named_parameters()}
+
+
+def test_fused_sampling_is_the_unfused_policy_and_restores_the_modules(tiny_cfg):
+    fused_cfg = tiny_cfg.model_copy(deep=True)
+    fused_cfg.sampling.fuse_lora = True
+    learner = _moved_learner(tiny_cfg)
+    plain, fused = RolloutGenerator(tiny_cfg), RolloutGenerator(fused_cfg)
+    for g in (plain, fused):
+        assert g.set_weights(*learner.weights()) == (3, learner.checksum())
+    before = _unet_state(fused.model.unet)
+
+    a, b = plain.generate(PROMPTS, list(range(8))), fused.generate(PROMPTS, list(range(8)))
+    assert (a.latents - b.latents).abs().max() < 1e-4  # float32: the same chain up to rounding
+    assert (a.log_probs - b.log_probs).abs().max() < 1e-4
+    assert (a.images.int() - b.images.int()).abs().max() <= 1
+    # fusing changed the forward (an untouched UNet would make this test vacuous): with the adapters off and
+    # the base weights as loaded, the chain is another one
+    with torch.no_grad(), fused_lora(fused.model.unet):
+        w = {n: p.detach().clone() for n, p in fused.model.unet.named_parameters() if "base_layer" in n}
+    assert any(not torch.equal(w[n], before[n][0]) for n in w)
+
+    after = _unet_state(fused.model.unet)  # every weight and requires_grad flag back exactly
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n][0], before[n][0]) and after[n][1] == before[n][1] for n in before)
+    assert fused.held() == (3, learner.checksum())
+
+    b.rewards = torch.linspace(-1, 1, 8)  # the learner (unfused) scores the fused sampler's chain on-policy
+    m = learner.train(b)
+    assert m["logprob_mismatch"] < 1e-4 and abs(m["ratio_mean"] - 1) < 1e-4
+
+
+def test_fused_sampling_on_the_learners_own_modules(tiny_cfg):
+    """The local backend samples with the learner's modules: after a fused generate they are exactly as before
+    (weights, trainable LoRA, adapters on) and the learner's update is on-policy."""
+    fused_cfg = tiny_cfg.model_copy(deep=True)
+    fused_cfg.sampling.fuse_lora = True
+    learner = _moved_learner(tiny_cfg)
+    before = _unet_state(learner.model.unet)
+    batch = RolloutGenerator(fused_cfg, model=learner.model).generate(PROMPTS[:4], list(range(4)))
+    after = _unet_state(learner.model.unet)
+    assert all(torch.equal(after[n][0], before[n][0]) and after[n][1] == before[n][1] for n in before)
+    assert all(p.requires_grad for p in learner.params)
+    batch.rewards = torch.linspace(-1, 1, 4)
+    m = learner.train(batch)
+    assert m["logprob_mismatch"] < 1e-4 and learner.checksum() != lora_checksum_of(before)
+
+
+def lora_checksum_of(state) -> str:
+    from common.pipelines import lora_checksum
+
+    return lora_checksum({n: t for n, (t, _) in state.items() if "lora_" in n})
