@@ -38,8 +38,8 @@ def test_fused_sampling_is_the_unfused_policy_and_restores_the_modules(tiny_cfg)
     assert (a.latents - b.latents).abs().max() < 1e-4  # float32: the same chain up to rounding
     assert (a.log_probs - b.log_probs).abs().max() < 1e-4
     assert (a.images.int() - b.images.int()).abs().max() <= 1
-    # fusing changed the forward (an untouched UNet would make this test vacuous): with the adapters off and
-    # the base weights as loaded, the chain is another one
+    # fusing does change the weights (an unchanged UNet would make this test vacuous): inside the context the
+    # base layers hold W0 + scaling B A, not the loaded W0
     with torch.no_grad(), fused_lora(fused.model.unet):
         w = {n: p.detach().clone() for n, p in fused.model.unet.named_parameters() if "base_layer" in n}
     assert any(not torch.equal(w[n], before[n][0]) for n in w)
