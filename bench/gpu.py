@@ -130,6 +130,11 @@ def bench_family(family: str, args, log) -> dict:
     if args.small:  # the tiny preset's LoRA and update at toy size; --small skips the hub model ids
         overrides += [f"algorithm.minibatch_size={min(args.batch, 2)}", "algorithm.max_unet_batch=8",
                       "algorithm.gradient_checkpointing=true", "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]  # fmt: skip
+    else:  # the preset's minibatch and accumulation, cut to the one batch measured (validation requires it)
+        a = load_config(PRESET[family]).algorithm
+        mb = min(a.minibatch_size, args.batch)
+        overrides += [f"algorithm.minibatch_size={mb}",
+                      f"algorithm.gradient_accumulation={max(1, min(a.gradient_accumulation, args.batch // mb))}"]  # fmt: skip
     cfg = load_config("tiny" if args.small else PRESET[family], overrides + args.set)
     log(f"[{family}] building {'toy' if args.small else 'full-size'} random pipelines on {device} ({args.dtype})")
     # one pipeline each for the sampler and the learner (as two actors would hold), plus diffusers' own
