@@ -25,6 +25,18 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int, steps_offset: int =
     return torch.from_numpy((np.arange(num_steps) * ratio).round()[::-1].copy().astype(np.int64)) + steps_offset
 
 
+def alphas_on(scheduler, device: torch.device | str) -> torch.Tensor:
+    """The scheduler's alphas_cumprod as float32 on `device`, copied there once and kept on the scheduler.
+
+    A copy from host memory to a GPU synchronises the stream (PyTorch waits for it to finish), so moving the
+    table at every DDIM step, as `ddim_step_with_logprob` would, stalled the GPU once a step."""
+    key, source = str(torch.device(device)), scheduler.alphas_cumprod
+    cache = scheduler.__dict__.setdefault("_alphas_on", {})
+    if key not in cache or cache[key][0] is not source:  # a replaced table is copied afresh
+        cache[key] = (source, source.to(device, torch.float32))
+    return cache[key][1]
+
+
 def ddim_step_with_logprob(
     alphas_cumprod: torch.Tensor,
     final_alpha_cumprod: float,
@@ -143,14 +155,14 @@ def denoise(
     noise = noise.to(device)
     cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
     x = noise[:, 0]
-    final = float(sch.final_alpha_cumprod)
+    final, alphas = float(sch.final_alpha_cumprod), alphas_on(sch, device)
     for i, t in enumerate(ts.tolist()):
         on = i >= num_steps - grad_steps and torch.is_grad_enabled()
         with torch.set_grad_enabled(on):
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
             eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
             x, lp = ddim_step_with_logprob(
-                sch.alphas_cumprod, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
+                alphas, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
                 noise=noise[:, i + 1], prediction_type=sch.config.prediction_type,
             )  # fmt: skip
         if not on:
@@ -201,7 +213,7 @@ def recompute_logprobs(
     latents, next_latents = latents.to(device), next_latents.to(device)
     eps = guided_noise_pred(model, latents, timesteps.to(device), cond, uncond, scale.to(device))
     _, lp = ddim_step_with_logprob(
-        sch.alphas_cumprod, float(sch.final_alpha_cumprod), sch.config.num_train_timesteps, num_steps, eps,
+        alphas_on(sch, device), float(sch.final_alpha_cumprod), sch.config.num_train_timesteps, num_steps, eps,
         timesteps.to(device), latents, eta, prev_sample=next_latents, prediction_type=sch.config.prediction_type,
     )  # fmt: skip
     return lp

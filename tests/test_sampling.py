@@ -88,3 +88,42 @@ def test_rollout_logprobs_recompute_exactly(tiny_cfg, tiny_pipe):
                                 g.flatten(), 6, 1.0)  # fmt: skip
     assert (lp.view(2, 6) - roll.log_probs).abs().max() < 1e-4
     assert j.numel() == 6
+
+
+class _CountingTable(torch.Tensor):
+    """A scheduler table that counts the copies `.to` makes of it (on a GPU, each is a copy from host memory,
+    which synchronises the stream)."""
+
+    moves = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.to and out is not args[0]:
+            cls.moves += 1
+        return out
+
+
+def test_scheduler_table_moves_once_per_device_not_once_per_step(tiny_cfg, tiny_pipe):
+    """The sampler's chain and the learner's recomputation read alphas_cumprod from one device copy: moving it
+    at every step cost a GPU stream sync per step. The cached copy gives the same samples and log-probs."""
+    model = StableDiffusion(tiny_pipe)
+    plans = [plan_rollout(p, i, tiny_cfg.exploration, 6, 5.0, explore=True) for i, p in enumerate(["a cat", "a dog"])]
+    cond = model.condition([p.weighted_prompt for p in plans])
+    g = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
+    ref = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0)
+    sch = model.scheduler
+    # float64 on the CPU: every move to the float32 the step computes in is a real copy, as a move to a GPU is
+    sch.alphas_cumprod = sch.alphas_cumprod.double().as_subclass(_CountingTable)
+    _CountingTable.moves = 0
+    roll = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0)
+    sample_rollout(model, cond, model.negative(), g, [3, 4], 6, 1.0)
+    with torch.no_grad():
+        lp = recompute_logprobs(model, roll.latents[:, :-1].flatten(0, 1), roll.latents[:, 1:].flatten(0, 1),
+                                roll.timesteps.repeat(2), {k: v.repeat_interleave(6, 0) for k, v in cond.items()},
+                                model.negative(), g.flatten(), 6, 1.0)  # fmt: skip
+    assert _CountingTable.moves == 1  # two chains of 6 steps and a recomputation: one copy in all
+    torch.testing.assert_close(roll.latents, ref.latents, rtol=0, atol=0)
+    torch.testing.assert_close(roll.log_probs, ref.log_probs, rtol=0, atol=0)
+    assert (lp.view(2, 6) - roll.log_probs).abs().max() < 1e-4
