@@ -15,6 +15,7 @@
 #            50 steps, batch 16; SDXL at 1024 px, 30 steps, batch 4 (its preset's sampler batch; fewer steps
 #            to fit the device time). Sampler vs the plain diffusers pipeline, DDPO update s/sample and peak
 #            memory, LoRA sync, log-prob mismatch, AlignProp per K     -> $OUT/gpu_sd15.json, $OUT/gpu_sdxl.json
+#            and a profile of one fused sampler call beside one pipeline call   -> $OUT/profile_{sd15,sdxl}.txt
 #            If SD1.5 fails other than by its time limit, the script stops there: the same fault would spoil
 #            every later part, and the device time is better kept for a rerun after the fix.
 #   rewards  bench/rewards.py --full: the learned rewards at published sizes (issue 8)  -> $OUT/rewards.json
@@ -73,10 +74,12 @@ IFS=, read -ra WANT <<<"$PARTS"
 for p in "${WANT[@]}"; do
     case "$p" in
     gpu)
-        part gpu_sd15 "${GPU_SD15_LIMIT:-220}" $PY bench/gpu.py --family sd15 --out "$OUT/gpu_sd15.json" "${GPU_SD15[@]}"
+        part gpu_sd15 "${GPU_SD15_LIMIT:-220}" $PY bench/gpu.py --family sd15 --out "$OUT/gpu_sd15.json" \
+            --profile "$OUT/profile.txt" "${GPU_SD15[@]}"
         rc=$?
         if [ $rc != 0 ] && [ $rc != 124 ]; then echo "== stopping: SD1.5 failed (exit $rc)"; exit $rc; fi
-        part gpu_sdxl "${GPU_SDXL_LIMIT:-260}" $PY bench/gpu.py --family sdxl --out "$OUT/gpu_sdxl.json" "${GPU_SDXL[@]}"
+        part gpu_sdxl "${GPU_SDXL_LIMIT:-260}" $PY bench/gpu.py --family sdxl --out "$OUT/gpu_sdxl.json" \
+            --profile "$OUT/profile.txt" "${GPU_SDXL[@]}"
         ;;
     rewards) part rewards "${REWARDS_LIMIT:-150}" bash -c "$PY bench/rewards.py ${REWARD_ARGS[*]} > $OUT/rewards.json" ;;
     study)

@@ -16,10 +16,17 @@ Measured per family, printed as one JSON document (and written to --out):
   logprob_mismatch_after_update    max |recomputed - sampled| log-prob over every step of 4 samples drawn
                                    after the update (non-zero LoRA), from the unfused and the fused sampler
   alignprop                        AlignProp update seconds per sample and peak memory for each K
+  device_busy_fraction             with --profile: the fraction of one call's wall time the device
+                                   computed, for the fused sampler and the plain pipeline (operator
+                                   tables in PATH_FAMILY.txt)
+
+The sampler and the learner get one random pipeline each, built from the same seed; the run stops if their
+weights differ (a mismatch figure would then compare two models).
 
     python bench/gpu.py                      # on a GPU: sd15 and sdxl at full size (< 5 minutes on an H100)
     python bench/gpu.py --family sd15 --batch 16 --steps 50
-    python bench/gpu.py --small              # CPU smoke run at toy size (tests/test_bench.py runs it)
+    python bench/gpu.py --small              # CPU smoke run at toy size (tests/test_bench_gpu.py runs it)
+    python bench/gpu.py --family sd15 --profile /tmp/prof.txt   # and where the sampler's time goes
 """
 
 from __future__ import annotations
@@ -56,8 +63,9 @@ UNET = {
 PRESET = {"sd15": "sd15", "sdxl": "sdxl"}
 
 
-def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype):
-    """A random-weight pipeline of `family` built on `device` in `dtype` (toy size if `small`)."""
+def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight pipeline of `family` built on `device` in `dtype` (toy size if `small`); the same
+    `seed` gives the same weights, so the sampler's and the learner's copies agree as two actors' would."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -79,6 +87,7 @@ def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype):
 
     tok = make_tokenizer()
     vocab = dict(vocab_size=49408)
+    torch.manual_seed(seed)  # every device's generator: the initialisation below runs on `device`
     with torch.device(device):  # initialise on the device: seconds instead of minutes for SDXL
         from diffusers import UNet2DConditionModel
 
@@ -102,6 +111,41 @@ def build_pipeline(family: str, small: bool, device: str, dtype: torch.dtype):
             m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def same_weights(a, b) -> bool:
+    """Whether two models' UNets, VAEs and text encoders hold equal weights (before LoRA is attached)."""
+    pairs = [(a.unet, b.unet), (a.vae, b.vae)] + [(x, y) for (_, x), (_, y) in zip(a.encoders, b.encoders)]
+    for x, y in pairs:
+        sx, sy = x.state_dict(), y.state_dict()
+        if sx.keys() != sy.keys() or not all(torch.equal(sx[k], sy[k]) for k in sx):
+            return False
+    return True
+
+
+def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[str, float]:
+    """torch.profiler over one call of each of `calls` (name -> function): per call, the wall time, the time
+    the device was busy (the sum of its kernels' self time) and the top operators, written to `path`.
+    Returns each call's busy fraction (0 on the CPU, where no device time is recorded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    text, busy = [], {}
+    for name, fn in calls.items():
+        _sync(device)
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            wall = time.perf_counter() - t
+        avg = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", 0) for e in avg)
+        busy[name] = round(dev_us / 1e6 / wall, 3)
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        text.append(f"== {name}: wall {wall:.3f} s, device busy {dev_us / 1e6:.3f} s ({busy[name]:.0%})\n"
+                    + avg.table(sort_by=key, row_limit=rows))  # fmt: skip
+    path.write_text("\n\n".join(text))
+    return busy
 
 
 def _sync(device: str) -> None:
@@ -138,13 +182,14 @@ def bench_family(family: str, args, log) -> dict:
     cfg = load_config("tiny" if args.small else PRESET[family], overrides + args.set)
     log(f"[{family}] building {'toy' if args.small else 'full-size'} random pipelines on {device} ({args.dtype})")
     # one pipeline each for the sampler and the learner (as two actors would hold), plus diffusers' own
-    models = []
-    for _ in range(2):
-        pipe = build_pipeline(family, args.small, device, dtype)
-        m = model_class(type(pipe).__name__)(pipe, cfg.sampling.resolution)
+    models = [model_class(type(p).__name__)(p, cfg.sampling.resolution)
+              for p in (build_pipeline(family, args.small, device, dtype) for _ in range(2))]  # fmt: skip
+    if not same_weights(*models):  # else the log-prob mismatch measures two different models
+        raise SystemExit(f"[{family}] the sampler's and the learner's random pipelines differ: "
+                         "seed build_pipeline")
+    for m in models:
         attach_lora(m.unet, cfg.lora)
         m.unet.to(device)
-        models.append(m)
     gen = RolloutGenerator(cfg, model=models[0])
     learner = DDPOLearner(cfg, model=models[1])
     gen.set_weights(*learner.weights())
@@ -177,6 +222,17 @@ def bench_family(family: str, args, log) -> dict:
     res["pipeline_img_s"] = round(args.batch / t_ref, 3)
     res["sampler_vs_pipeline"] = round(t_ref / t_ours, 3)
     res["sampler_fused_vs_pipeline"] = round(t_ref / t_fused, 3)
+    if args.profile:  # where the sampler's time goes beside the pipeline's: device busy, or host-bound
+        gen.cfg.sampling.fuse_lora = True
+        ref.unet.disable_adapters()
+        try:
+            path = Path(args.profile).with_name(f"{Path(args.profile).stem}_{family}.txt")
+            calls = {"sampler (fused)": lambda: gen.generate(prompts, seeds),
+                     "pipeline": lambda: ref(prompts, **kw)}
+            res["device_busy_fraction"] = profile_calls(calls, device, path)
+        finally:
+            gen.cfg.sampling.fuse_lora = False
+            ref.unet.enable_adapters()
     log(f"[{family}] sampler {res['sampler_img_s']} img/s ({res['sampler_fused_img_s']} fused), diffusers pipeline "
         f"{res['pipeline_img_s']} img/s ({res['pipeline_with_lora_img_s']} with our LoRA adapter)")
 
@@ -273,6 +329,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. algorithm.max_unet_batch=32")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--alignprop-ks", default="1,10", help="AlignProp truncations K to time (empty: skip)")
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="profile one fused sampler call and one pipeline call (to PATH's stem_FAMILY.txt)")
     args = ap.parse_args(argv)
     args.steps = args.steps or (4 if args.small else 50)
     args.batch = args.batch or (4 if args.small else 16)

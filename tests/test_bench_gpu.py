@@ -7,9 +7,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_bench_small_runs_both_families_without_ray():
+def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
+    prof = tmp_path / "prof.txt"
     code = (
-        "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4', '--alignprop-ks', '1,3'];"
+        "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4',"
+        f" '--alignprop-ks', '1,3', '--profile', {str(prof)!r}];"
         "sys.path.insert(0, 'bench'); import gpu; out = gpu.main(sys.argv[1:]);"
         "assert 'ray' not in sys.modules, 'bench/gpu.py imported ray'"
     )
@@ -28,3 +30,7 @@ def test_gpu_bench_small_runs_both_families_without_ray():
         assert set(r["logprob_mismatch_after_update"]) == {"unfused", "fused"}
         assert all(v < 1e-4 for v in r["logprob_mismatch_after_update"].values())
         assert [a["k"] for a in r["alignprop"]] == [1, 3] and all(a["s_per_sample"] > 0 for a in r["alignprop"])
+        # --profile: one table per call, each naming its wall and device time (no device time on the CPU)
+        text = (tmp_path / f"prof_{r['family']}.txt").read_text()
+        assert text.count("== ") == 2 and "== sampler (fused): wall" in text and "== pipeline: wall" in text
+        assert "aten::" in text and r["device_busy_fraction"] == {"sampler (fused)": 0.0, "pipeline": 0.0}
