@@ -84,13 +84,14 @@ for p in "${WANT[@]}"; do
     rewards) part rewards "${REWARDS_LIMIT:-150}" bash -c "$PY bench/rewards.py ${REWARD_ARGS[*]} > $OUT/rewards.json" ;;
     study)
         S=runs/device_study${SMOKE:+_smoke}
-        part study "${STUDY_LIMIT:-330}" $PY bench/study.py --out "$S" --config shapes \
-            --set sampling.num_steps=10 --set 'algorithm.timestep_window=[0.0,1.0]' \
-            --set 'reward.terms=[{"name":"shapes_soft","options":{"rel_scale":8.0}}]' \
-            --set 'eval.reward.terms=[{"name":"shapes"}]' --set eval.images_per_prompt=2 --set eval.max_prompts=30 \
-            --set output.grid_every=0 --paired --paired-sets shapes_pairs,shapes_pairs_heldout "${STUDY_ARGS[@]}"
-        # whatever finished, tabulated (a run cut short is left out), then packed without the checkpoints
-        $PY bench/study.py --out "$S" --config shapes "${STUDY_ARGS[@]}" --analyse-only --paired >/dev/null 2>&1
+        COMMON=(--out "$S" --config shapes --set sampling.num_steps=10 --set 'algorithm.timestep_window=[0.0,1.0]'
+                --set 'reward.terms=[{"name":"shapes_soft","options":{"rel_scale":8.0}}]'
+                --set 'eval.reward.terms=[{"name":"shapes"}]' --set eval.images_per_prompt=2 --set eval.max_prompts=30
+                --set output.grid_every=0 --paired --paired-sets shapes_pairs,shapes_pairs_heldout "${STUDY_ARGS[@]}")
+        part study "${STUDY_LIMIT:-330}" $PY bench/study.py "${COMMON[@]}"
+        # whatever finished, tabulated (a run cut short is left out) under the same protocol, then packed
+        # without the checkpoints
+        $PY bench/study.py "${COMMON[@]}" --analyse-only >/dev/null 2>&1
         tar czf "$OUT/study.tgz" --exclude=checkpoints --exclude=paired_base --exclude='*.safetensors' "$S" \
             && ls -la "$OUT/study.tgz"
         ;;
