@@ -3,8 +3,12 @@
 # network, about 15 minutes of device time in all, 10 minutes a command). Results go to $OUT.
 #
 #   here, once:      bash bench/device_wheels.sh          (downloads the missing packages into .whl/)
-#   on the device:   run(command="bash bench/device_check.sh gpu", carry=[".whl"], timeout_s=560)
-#                    run(command="STUDY_LIMIT=S bash bench/device_check.sh study", carry=[".whl"], timeout_s=S+40)
+#   on the device:   run(command="bash bench/device_check.sh gpu", carry=[".whl"], timeout_s=420)
+#                    run(command="bash bench/device_check.sh study", carry=[".whl"], timeout_s=480)
+#   On the H200 (2026-12-04) a machine started in about 35 s; the gpu part took 311 s (SD1.5 156 s, SDXL 146 s,
+#   before --profile); the study trained its 6 runs in 152 s and judged 4 of them in the remaining 200 s of a
+#   360 s limit, so its limit is now 420 s (STUDY_LIMIT). Issue the second call at once: a machine goes back
+#   after 30 s idle.
 #   CPU smoke test:  OUT=/tmp/out SMOKE=1 bash bench/device_check.sh gpu,rewards,study
 #   What travels is capped at 64 MiB and the tracked tree is about 64 MiB, most of it the two Shapes models;
 #   no part uses shapes-base-order, so move common/assets/shapes_base_order out of the tree (and out of the
@@ -88,7 +92,7 @@ for p in "${WANT[@]}"; do
                 --set 'reward.terms=[{"name":"shapes_soft","options":{"rel_scale":8.0}}]'
                 --set 'eval.reward.terms=[{"name":"shapes"}]' --set eval.images_per_prompt=2 --set eval.max_prompts=30
                 --set output.grid_every=0 --paired --paired-sets shapes_pairs,shapes_pairs_heldout "${STUDY_ARGS[@]}")
-        part study "${STUDY_LIMIT:-330}" $PY bench/study.py "${COMMON[@]}"
+        part study "${STUDY_LIMIT:-420}" $PY bench/study.py "${COMMON[@]}"
         # whatever finished, tabulated (a run cut short is left out) under the same protocol, then packed
         # without the checkpoints
         $PY bench/study.py "${COMMON[@]}" --analyse-only >/dev/null 2>&1
