@@ -26,6 +26,7 @@
 #   study    the DiffExp study on DDPO at 10 steps (issue 6) at a budget the CPU cannot afford: plain and
 #            diffexp (STUDY_ARMS), 3 seeds, STUDY_EPOCHS (40) x 64 samples, all 6 runs at once, every
 #            checkpoint judged on 400 paired images                     -> $OUT/study.tgz (tables, plots)
+#            and the checkpoints of runs left unjudged                 -> $OUT/ckpt_RUN.tgz
 # Also: $OUT/card.txt (nvidia-smi and torch's view of the card) and $OUT/log.txt (everything printed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +99,17 @@ for p in "${WANT[@]}"; do
         $PY bench/study.py "${COMMON[@]}" --analyse-only >/dev/null 2>&1
         tar czf "$OUT/study.tgz" --exclude=checkpoints --exclude=paired_base --exclude='*.safetensors' "$S" \
             && ls -la "$OUT/study.tgz"
+        # the checkpoints of finished runs that the time limit left unjudged, one archive a run (about 13 MB
+        # for 4 checkpoints; at most 5 archives come back beside the others): unpacked over study.tgz's tree,
+        # the same bench/study.py command without --analyse-only judges them on any machine
+        n=0
+        for r in "$S"/*/; do
+            r=${r%/}
+            [ -d "$r/checkpoints" ] && [ ! -f "$r/paired.json" ] || continue
+            name=$(basename "$r")
+            if [ $n -ge 5 ]; then echo "== $name's checkpoints not packed (5 archives at most)"; continue; fi
+            tar czf "$OUT/ckpt_$name.tgz" "$r/checkpoints" && n=$((n + 1)) && ls -la "$OUT/ckpt_$name.tgz"
+        done
         ;;
     *) echo "unknown part '$p' (known: gpu, rewards, study)"; exit 2 ;;
     esac

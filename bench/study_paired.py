@@ -35,7 +35,10 @@ def run_paired(out: Path, names: list[str], images: int, prompts: int, sets: str
     def covered(run: Path) -> bool:
         last = RunDir(run).latest_checkpoint()
         f = run / "paired.json"
-        return last is not None and f.is_file() and any(e["checkpoint"] == str(last) for e in json.loads(f.read_text()))
+        if not f.is_file():
+            return False
+        # judged where its checkpoints were, and moved here without them (device_check.sh packs them apart)
+        return last is None or any(e["checkpoint"] == str(last) for e in json.loads(f.read_text()))
 
     jobs = []
     for n in names:

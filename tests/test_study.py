@@ -133,6 +133,34 @@ def test_run_pool_runs_jobs_in_parallel_and_names_the_failures(tmp_path):
     assert any(line.startswith("FAILED (exit 5") and "bad.log" in line for line in lines)
 
 
+def test_run_paired_judges_the_unjudged_and_trusts_runs_moved_without_checkpoints(tmp_path, monkeypatch):
+    """A run judged on the GPU machine comes back with paired.json but without its checkpoints (device_check
+    packs those apart, for runs the time limit left unjudged): it counts as judged. A run whose checkpoints
+    came back without a paired.json is judged; so is one whose paired.json misses its last checkpoint."""
+    import bench.study_paired as sp
+
+    def run(name, steps, judged):
+        d = tmp_path / name
+        for k in steps:
+            (d / "checkpoints" / f"step_{k}").mkdir(parents=True)
+            (d / "checkpoints" / f"step_{k}" / "counters.json").write_text("{}")
+        d.mkdir(exist_ok=True)
+        if judged is not None:
+            entries = [{"checkpoint": str(d / "checkpoints" / f"step_{k}")} for k in judged]
+            (d / "paired.json").write_text(json.dumps(entries))
+
+    run("moved", [], [1, 2])  # judged there, checkpoints left behind
+    run("unjudged", [1, 2], None)  # its checkpoints came back in a ckpt_RUN.tgz
+    run("behind", [1, 2], [1])  # judged before its last checkpoint
+    run("done", [1, 2], [1, 2])
+    jobs = []
+    monkeypatch.setattr(sp, "run_pool", lambda js, parallel, env, log: jobs.extend(j[0] for j in js) or [])
+    lines = []
+    sp.run_paired(tmp_path, ["moved", "unjudged", "behind", "done"], 4, 60, "", 2, 1, log=lines.append)
+    assert jobs == ["paired unjudged", "paired behind"]
+    assert lines == ["paired evaluation: 2 of 4 runs already judged; judging 2"]
+
+
 def _write_stage(path, points):
     """metrics.jsonl of one stage: an evaluation (queries, value) per point, the first before any update."""
     path.mkdir(parents=True)
