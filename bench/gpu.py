@@ -8,7 +8,9 @@ be carried to the GPU machine.
 Measured per family, printed as one JSON document (and written to --out):
   sampler_img_s / pipeline_img_s   our sampler vs the plain diffusers pipeline (same weights, steps, scale,
                                    batch, eta; both decode), and their ratio; pipeline_with_lora_img_s is
-                                   the pipeline with our (unmerged) LoRA adapter active
+                                   the pipeline with our (unmerged) LoRA adapter active. With --repeats N
+                                   the four are timed N times, interleaved, and the best call counts
+                                   (every call's seconds are in "timing")
   update_s_per_sample, peak_gb     one DDPO update over a scored batch at the preset's memory settings
   lora_sync_ms                     learner -> sampler LoRA copy with checksum (the local sync's work)
   logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
@@ -123,6 +125,29 @@ def same_weights(a, b) -> bool:
     return True
 
 
+def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each of `repeats` calls of: our sampler, our sampler with sampling.fuse_lora, the diffusers
+    pipeline with our LoRA adapter active, and the plain pipeline (adapter disabled), interleaved round by
+    round so that a drift of the clocks or the machine's load reaches all four alike. `pipe` shares our
+    modules."""
+    names = ("sampler", "sampler_fused", "pipeline_with_lora", "pipeline")
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for name, seconds in out.items():
+            gen.cfg.sampling.fuse_lora = name == "sampler_fused"
+            if name == "pipeline":
+                pipe.unet.disable_adapters()
+            try:
+                ours = name.startswith("sampler")
+                with torch.no_grad():
+                    fn = (lambda: gen.generate(prompts, seeds)) if ours else (lambda: pipe(prompts, **kw))
+                    seconds.append(round(_timed(fn, device)[1], 4))
+            finally:
+                gen.cfg.sampling.fuse_lora = False
+                pipe.unet.enable_adapters()
+    return out
+
+
 def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[str, float]:
     """torch.profiler over one call of each of `calls` (name -> function): per call, the wall time, the time
     the device was busy (the sum of its kernels' self time) and the top operators, written to `path`.
@@ -200,24 +225,17 @@ def bench_family(family: str, args, log) -> dict:
     res = {"family": family, "resolution": [models[0].height, models[0].width], "steps": s.num_steps,
            "batch": args.batch, "dtype": args.dtype, "unet_params_m": round(sum(p.numel() for p in models[0].unet.parameters()) / 1e6, 1)}  # fmt: skip
 
-    gen.generate(prompts, seeds)  # warm-up
-    batch, t_ours = _timed(lambda: gen.generate(prompts, seeds), device)
-    res["sampler_img_s"] = round(args.batch / t_ours, 3)
-    gen.cfg.sampling.fuse_lora = True  # sampling.fuse_lora: the LoRA folded into the weights for each call
-    _, t_fused = _timed(lambda: gen.generate(prompts, seeds), device)
-    gen.cfg.sampling.fuse_lora = False
-    res["sampler_fused_img_s"] = round(args.batch / t_fused, 3)
-    ref = models[0].pipe
+    batch = gen.generate(prompts, seeds)  # warm-up (and the batch the update trains on)
+    ref = models[0].pipe  # the same modules: our LoRA adapter, or (disabled) the plain pipeline
     kw = dict(num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, output_type="pt",
               height=models[0].height, width=models[0].width)  # fmt: skip
     with torch.no_grad():
         ref(prompts, **kw)  # warm-up
-        _, t_lora = _timed(lambda: ref(prompts, **kw), device)  # the same UNet, LoRA adapter included
-        ref.unet.disable_adapters()  # the plain pipeline: what users would otherwise run
-        try:
-            _, t_ref = _timed(lambda: ref(prompts, **kw), device)
-        finally:
-            ref.unet.enable_adapters()
+    times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, device)
+    res["timing"] = {"repeats": args.repeats, "seconds": times}  # every call, interleaved; figures: the best
+    t_ours, t_fused, t_lora, t_ref = (min(t) for t in times.values())
+    res["sampler_img_s"] = round(args.batch / t_ours, 3)
+    res["sampler_fused_img_s"] = round(args.batch / t_fused, 3)
     res["pipeline_with_lora_img_s"] = round(args.batch / t_lora, 3)
     res["pipeline_img_s"] = round(args.batch / t_ref, 3)
     res["sampler_vs_pipeline"] = round(t_ref / t_ours, 3)
@@ -329,6 +347,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. algorithm.max_unet_batch=32")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--alignprop-ks", default="1,10", help="AlignProp truncations K to time (empty: skip)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls of each sampler and pipeline variant")
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="profile one fused sampler call and one pipeline call (to PATH's stem_FAMILY.txt)")
     args = ap.parse_args(argv)

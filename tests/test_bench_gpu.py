@@ -11,7 +11,7 @@ def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
     prof = tmp_path / "prof.txt"
     code = (
         "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4',"
-        f" '--alignprop-ks', '1,3', '--profile', {str(prof)!r}];"
+        f" '--alignprop-ks', '1,3', '--profile', {str(prof)!r}, '--repeats', '2'];"
         "sys.path.insert(0, 'bench'); import gpu; out = gpu.main(sys.argv[1:]);"
         "assert 'ray' not in sys.modules, 'bench/gpu.py imported ray'"
     )
@@ -24,6 +24,11 @@ def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
     for r in out["results"]:
         assert r["resolution"] == [64, 64] and r["steps"] == 3 and r["batch"] == 4
         assert r["sampler_img_s"] > 0 and r["pipeline_img_s"] > 0 and r["lora_sync_ms"] > 0
+        # --repeats 2: every variant timed twice, interleaved; each figure is the batch over the best call
+        t = r["timing"]["seconds"]
+        assert r["timing"]["repeats"] == 2 and all(len(v) == 2 for v in t.values())
+        assert r["sampler_img_s"] == round(4 / min(t["sampler"]), 3)
+        assert r["pipeline_img_s"] == round(4 / min(t["pipeline"]), 3)
         assert r["update_s_per_sample"] > 0
         assert r["logprob_mismatch"] < 1e-4  # float32 on the CPU: on-policy up to float error
         assert r["sampler_fused_img_s"] > 0  # the fused sampler is on-policy too (its LoRA is non-zero by then)
