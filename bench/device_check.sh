@@ -109,6 +109,7 @@ for p in "${WANT[@]}"; do
         for r in "$S"/*/; do
             r=${r%/}
             [ -d "$r/checkpoints" ] && [ ! -f "$r/paired.json" ] || continue
+            grep -q final_eval "$r/metrics.jsonl" 2>/dev/null || continue  # cut in training: rerun instead
             name=$(basename "$r")
             if [ $n -ge 5 ]; then echo "== $name's checkpoints not packed (5 archives at most)"; continue; fi
             tar czf "$OUT/ckpt_$name.tgz" "$r/checkpoints" && n=$((n + 1)) && ls -la "$OUT/ckpt_$name.tgz"

@@ -37,6 +37,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -125,26 +126,30 @@ def same_weights(a, b) -> bool:
     return True
 
 
+def run_variant(gen, pipe, prompts, seeds, kw, name: str):
+    """One call of a variant: our sampler ("sampler"), with sampling.fuse_lora ("sampler_fused"), the
+    diffusers pipeline with our LoRA adapter active ("pipeline_with_lora") or disabled ("pipeline"); `pipe`
+    shares our modules. The settings are restored afterwards."""
+    gen.cfg.sampling.fuse_lora = name == "sampler_fused"
+    if name == "pipeline":
+        pipe.unet.disable_adapters()
+    try:
+        with torch.no_grad():
+            return gen.generate(prompts, seeds) if name.startswith("sampler") else pipe(prompts, **kw)
+    finally:
+        gen.cfg.sampling.fuse_lora = False
+        pipe.unet.enable_adapters()
+
+
 def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds of each of `repeats` calls of: our sampler, our sampler with sampling.fuse_lora, the diffusers
-    pipeline with our LoRA adapter active, and the plain pipeline (adapter disabled), interleaved round by
-    round so that a drift of the clocks or the machine's load reaches all four alike. `pipe` shares our
-    modules."""
+    """Seconds of each of `repeats` calls of the four variants of `run_variant`, interleaved round by round so
+    that a drift of the clocks or the machine's load reaches all four alike."""
     names = ("sampler", "sampler_fused", "pipeline_with_lora", "pipeline")
     out: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repeats):
         for name, seconds in out.items():
-            gen.cfg.sampling.fuse_lora = name == "sampler_fused"
-            if name == "pipeline":
-                pipe.unet.disable_adapters()
-            try:
-                ours = name.startswith("sampler")
-                with torch.no_grad():
-                    fn = (lambda: gen.generate(prompts, seeds)) if ours else (lambda: pipe(prompts, **kw))
-                    seconds.append(round(_timed(fn, device)[1], 4))
-            finally:
-                gen.cfg.sampling.fuse_lora = False
-                pipe.unet.enable_adapters()
+            call = partial(run_variant, gen, pipe, prompts, seeds, kw, name)
+            seconds.append(round(_timed(call, device)[1], 4))
     return out
 
 
@@ -241,16 +246,10 @@ def bench_family(family: str, args, log) -> dict:
     res["sampler_vs_pipeline"] = round(t_ref / t_ours, 3)
     res["sampler_fused_vs_pipeline"] = round(t_ref / t_fused, 3)
     if args.profile:  # where the sampler's time goes beside the pipeline's: device busy, or host-bound
-        gen.cfg.sampling.fuse_lora = True
-        ref.unet.disable_adapters()
-        try:
-            path = Path(args.profile).with_name(f"{Path(args.profile).stem}_{family}.txt")
-            calls = {"sampler (fused)": lambda: gen.generate(prompts, seeds),
-                     "pipeline": lambda: ref(prompts, **kw)}
-            res["device_busy_fraction"] = profile_calls(calls, device, path)
-        finally:
-            gen.cfg.sampling.fuse_lora = False
-            ref.unet.enable_adapters()
+        path = Path(args.profile).with_name(f"{Path(args.profile).stem}_{family}.txt")
+        calls = {"sampler (fused)": partial(run_variant, gen, ref, prompts, seeds, kw, "sampler_fused"),
+                 "pipeline": partial(run_variant, gen, ref, prompts, seeds, kw, "pipeline")}
+        res["device_busy_fraction"] = profile_calls(calls, device, path)
     log(f"[{family}] sampler {res['sampler_img_s']} img/s ({res['sampler_fused_img_s']} fused), diffusers pipeline "
         f"{res['pipeline_img_s']} img/s ({res['pipeline_with_lora_img_s']} with our LoRA adapter)")
 
