@@ -173,7 +173,9 @@ def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[
         busy[name] = round(dev_us / 1e6 / wall, 3)
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         text.append(f"== {name}: wall {wall:.3f} s, device busy {dev_us / 1e6:.3f} s ({busy[name]:.0%})\n"
-                    + avg.table(sort_by=key, row_limit=rows))  # fmt: skip
+                    + avg.table(sort_by=key, row_limit=rows)
+                    + f"\n-- {name}, by host time (synchronisations and copies show here)\n"
+                    + avg.table(sort_by="self_cpu_time_total", row_limit=rows // 2))  # fmt: skip
     path.write_text("\n\n".join(text))
     return busy
 
