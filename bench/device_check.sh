@@ -68,7 +68,7 @@ if [ -n "${SMOKE:-}" ]; then  # the same parts at toy size on the CPU (checks th
 else
     # AlignProp's figures were measured on the H200 (docs/architecture.md, "GPU"): not again, to leave time for
     # a second interleaved round of the SD1.5 sampler/pipeline timings and the profiles
-    GPU_SD15=(--steps 50 --batch 16 --alignprop-ks "" --repeats 2)
+    GPU_SD15=(--steps 50 --batch 16 --alignprop-ks "" --repeats "${GPU_REPEATS:-2}")
     GPU_SDXL=(--steps 30 --batch 4 --alignprop-ks "" --repeats 1)
     REWARD_ARGS=(--full --batch 32 --reps 3)
     # DDPO at 10 steps as in docs/results.md ("the study on DDPO at 10 steps"), 4x the CPU study's budget
@@ -82,12 +82,14 @@ IFS=, read -ra WANT <<<"$PARTS"
 for p in "${WANT[@]}"; do
     case "$p" in
     gpu)
+        PROF=(--profile "$OUT/profile.txt")
+        [ "${GPU_PROFILE:-1}" = 0 ] && PROF=()
         part gpu_sd15 "${GPU_SD15_LIMIT:-220}" $PY bench/gpu.py --family sd15 --out "$OUT/gpu_sd15.json" \
-            --profile "$OUT/profile.txt" "${GPU_SD15[@]}"
+            "${PROF[@]}" "${GPU_SD15[@]}"
         rc=$?
         if [ $rc != 0 ] && [ $rc != 124 ]; then echo "== stopping: SD1.5 failed (exit $rc)"; exit $rc; fi
         part gpu_sdxl "${GPU_SDXL_LIMIT:-260}" $PY bench/gpu.py --family sdxl --out "$OUT/gpu_sdxl.json" \
-            --profile "$OUT/profile.txt" "${GPU_SDXL[@]}"
+            "${PROF[@]}" "${GPU_SDXL[@]}"
         ;;
     rewards) part rewards "${REWARDS_LIMIT:-150}" bash -c "$PY bench/rewards.py ${REWARD_ARGS[*]} > $OUT/rewards.json" ;;
     study)

@@ -15,8 +15,10 @@ Measured per family, printed as one JSON document (and written to --out):
   lora_sync_ms                     learner -> sampler LoRA copy with checksum (the local sync's work)
   logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
   sampler_fused_img_s              the sampler with sampling.fuse_lora (LoRA folded into the weights per call)
+  sampler_fused_channels_last_img_s  and with sampling.channels_last as well (NHWC convolution weights)
   logprob_mismatch_after_update    max |recomputed - sampled| log-prob over every step of 4 samples drawn
-                                   after the update (non-zero LoRA), from the unfused and the fused sampler
+                                   after the update (non-zero LoRA), from the unfused and the fused sampler,
+                                   and the fused one in channels-last
   alignprop                        AlignProp update seconds per sample and peak memory for each K
   device_busy_fraction             with --profile: the fraction of one call's wall time the device
                                    computed, for the fused sampler and the plain pipeline (operator
@@ -37,6 +39,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -126,11 +129,29 @@ def same_weights(a, b) -> bool:
     return True
 
 
+VARIANTS = ("sampler", "sampler_fused", "sampler_fused_cl", "pipeline_with_lora", "pipeline")
+
+
+@contextmanager
+def memory_format(gen, name: str):
+    """The UNet in channels-last for the "_cl" variants (sampling.channels_last), put back afterwards: the
+    pipeline shares the module. Kept outside the timed calls, as the sampler converts once at start-up."""
+    if not name.endswith("_cl"):
+        yield
+        return
+    gen.model.unet.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        gen.model.unet.to(memory_format=torch.contiguous_format)
+
+
 def run_variant(gen, pipe, prompts, seeds, kw, name: str):
-    """One call of a variant: our sampler ("sampler"), with sampling.fuse_lora ("sampler_fused"), the
-    diffusers pipeline with our LoRA adapter active ("pipeline_with_lora") or disabled ("pipeline"); `pipe`
-    shares our modules. The settings are restored afterwards."""
-    gen.cfg.sampling.fuse_lora = name == "sampler_fused"
+    """One call of a variant: our sampler ("sampler"), with sampling.fuse_lora ("sampler_fused"), and with
+    sampling.channels_last too ("sampler_fused_cl", inside `memory_format`), the diffusers pipeline with our
+    LoRA adapter active ("pipeline_with_lora") or disabled ("pipeline"); `pipe` shares our modules. The
+    settings are restored afterwards."""
+    gen.cfg.sampling.fuse_lora = name.startswith("sampler_fused")
     if name == "pipeline":
         pipe.unet.disable_adapters()
     try:
@@ -144,12 +165,14 @@ def run_variant(gen, pipe, prompts, seeds, kw, name: str):
 def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str) -> dict[str, list[float]]:
     """Seconds of each of `repeats` calls of the four variants of `run_variant`, interleaved round by round so
     that a drift of the clocks or the machine's load reaches all four alike."""
-    names = ("sampler", "sampler_fused", "pipeline_with_lora", "pipeline")
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, list[float]] = {n: [] for n in VARIANTS}
+    with memory_format(gen, "sampler_fused_cl"):  # warm-up: other convolution kernels
+        run_variant(gen, pipe, prompts, seeds, kw, "sampler_fused_cl")
     for _ in range(repeats):
         for name, seconds in out.items():
             call = partial(run_variant, gen, pipe, prompts, seeds, kw, name)
-            seconds.append(round(_timed(call, device)[1], 4))
+            with memory_format(gen, name):
+                seconds.append(round(_timed(call, device)[1], 4))
     return out
 
 
@@ -169,7 +192,8 @@ def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[
             _sync(device)
             wall = time.perf_counter() - t
         avg = prof.key_averages()
-        dev_us = sum(getattr(e, "self_device_time_total", 0) for e in avg)
+        # kernels only: an operator's row repeats the time of the kernels it launched
+        dev_us = sum(e.self_device_time_total for e in avg if e.device_type != torch.autograd.DeviceType.CPU)
         busy[name] = round(dev_us / 1e6 / wall, 3)
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         text.append(f"== {name}: wall {wall:.3f} s, device busy {dev_us / 1e6:.3f} s ({busy[name]:.0%})\n"
@@ -193,7 +217,8 @@ def _timed(fn, device: str) -> tuple[object, float]:
     return out, time.perf_counter() - t
 
 
-def bench_family(family: str, args, log) -> dict:
+def bench_family(family: str, args, log, res: dict | None = None, save=lambda: None) -> dict:
+    """The figures of one family, filled into `res` stage by stage, `save()` called after each stage."""
     from common.config import load_config
     from common.models import model_class
     from common.pipelines import attach_lora
@@ -229,7 +254,8 @@ def bench_family(family: str, args, log) -> dict:
     prompts = prompts[: args.batch]
     seeds = list(range(args.batch))
     s = cfg.sampling
-    res = {"family": family, "resolution": [models[0].height, models[0].width], "steps": s.num_steps,
+    res = {} if res is None else res
+    res |= {"family": family, "resolution": [models[0].height, models[0].width], "steps": s.num_steps,
            "batch": args.batch, "dtype": args.dtype, "unet_params_m": round(sum(p.numel() for p in models[0].unet.parameters()) / 1e6, 1)}  # fmt: skip
 
     batch = gen.generate(prompts, seeds)  # warm-up (and the batch the update trains on)
@@ -240,20 +266,24 @@ def bench_family(family: str, args, log) -> dict:
         ref(prompts, **kw)  # warm-up
     times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, device)
     res["timing"] = {"repeats": args.repeats, "seconds": times}  # every call, interleaved; figures: the best
-    t_ours, t_fused, t_lora, t_ref = (min(t) for t in times.values())
+    t_ours, t_fused, t_cl, t_lora, t_ref = (min(times[n]) for n in VARIANTS)
     res["sampler_img_s"] = round(args.batch / t_ours, 3)
     res["sampler_fused_img_s"] = round(args.batch / t_fused, 3)
     res["pipeline_with_lora_img_s"] = round(args.batch / t_lora, 3)
     res["pipeline_img_s"] = round(args.batch / t_ref, 3)
     res["sampler_vs_pipeline"] = round(t_ref / t_ours, 3)
     res["sampler_fused_vs_pipeline"] = round(t_ref / t_fused, 3)
+    res["sampler_fused_channels_last_img_s"] = round(args.batch / t_cl, 3)
+    res["sampler_fused_channels_last_vs_pipeline"] = round(t_ref / t_cl, 3)
+    save()
     if args.profile:  # where the sampler's time goes beside the pipeline's: device busy, or host-bound
         path = Path(args.profile).with_name(f"{Path(args.profile).stem}_{family}.txt")
         calls = {"sampler (fused)": partial(run_variant, gen, ref, prompts, seeds, kw, "sampler_fused"),
                  "pipeline": partial(run_variant, gen, ref, prompts, seeds, kw, "pipeline")}
         res["device_busy_fraction"] = profile_calls(calls, device, path)
     log(f"[{family}] sampler {res['sampler_img_s']} img/s ({res['sampler_fused_img_s']} fused), diffusers pipeline "
-        f"{res['pipeline_img_s']} img/s ({res['pipeline_with_lora_img_s']} with our LoRA adapter)")
+        f"{res['pipeline_img_s']} img/s ({res['pipeline_with_lora_img_s']} with our LoRA adapter); fused and "
+        f"channels-last {res['sampler_fused_channels_last_img_s']} img/s")
 
     batch.rewards = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
     if device.startswith("cuda"):
@@ -272,9 +302,12 @@ def bench_family(family: str, args, log) -> dict:
     version, state = learner.weights()
     _, t_sync = _timed(lambda: gen.set_weights(version, state), device)
     res["lora_sync_ms"] = round(1000 * t_sync, 1)
-    res["logprob_mismatch_after_update"] = {
-        name: mismatch(gen, learner, prompts[:4], seeds[:4], fuse) for name, fuse in (("unfused", False), ("fused", True))
-    }  # fmt: skip
+    save()
+    res["logprob_mismatch_after_update"] = {}
+    for name in ("unfused", "fused", "fused_channels_last"):  # the sampler's; the learner's UNet stays contiguous
+        with memory_format(gen, name.replace("channels_last", "cl")):
+            res["logprob_mismatch_after_update"][name] = mismatch(gen, learner, prompts[:4], seeds[:4], name != "unfused")
+        save()
     res["alignprop"] = bench_alignprop(cfg, models[1], args, device)
     log(f"[{family}] update {res.get('update_s_per_sample')} s/sample, peak {res.get('peak_gb', '-')} GB, sync {res['lora_sync_ms']} ms")
     del gen, learner, models, batch
@@ -358,10 +391,14 @@ def main(argv=None) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"device": device_name, "torch": torch.__version__, "results": []}
-    for fam in args.family.split(","):
-        out["results"].append(bench_family(fam.strip(), args, log))
-        if args.out:  # after each family, so that a run cut short by a time limit keeps what it measured
+    def save():  # after each stage, so that a run cut short by a time limit keeps what it measured
+        if args.out:
             Path(args.out).write_text(json.dumps(out, indent=1))
+
+    for fam in args.family.split(","):
+        out["results"].append({})
+        bench_family(fam.strip(), args, log, out["results"][-1], save)
+        save()
     print(json.dumps(out, indent=1))
     return out
 

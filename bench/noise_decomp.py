@@ -63,7 +63,7 @@ def main() -> None:
             out.append(base)
         return torch.stack(out)
 
-    sampling.initial_noise = grouped_noise  # sample_rollout draws its noise through this
+    sampling.rollout_noise = grouped_noise  # sample_rollout draws its noise through this
     cfg = load_config(args.config, ["exploration.enabled=false"] + args.overrides)
     gen = RolloutGenerator(cfg)
     reward = WeightedReward(cfg.reward)

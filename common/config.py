@@ -76,6 +76,12 @@ class SamplingConfig(_Strict):
         description="Image size: one int (square) or [height, width]; null means the model's native size "
         "(512 for SD1.x, 1024 for SDXL, 64 for tiny and shapes-base). Must suit the VAE and UNet downsampling.",
     )
+    channels_last: bool = Field(
+        False,
+        description="Samplers keep the UNet's convolution weights in channels-last (NHWC) memory format, which "
+        "GPU convolution kernels use natively (without it cuDNN converts each convolution's input). The "
+        "same model, but other kernels: in bf16 results differ in the last bits, so check logprob_mismatch.",
+    )
     fuse_lora: bool = Field(
         False,
         description="Samplers fold the LoRA into the frozen UNet weights for each generate call (one matmul a "

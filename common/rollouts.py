@@ -30,6 +30,8 @@ class RolloutGenerator:
         """`model`: a loaded policy to share (the local backend samples with the learner's modules)."""
         self.cfg = cfg
         self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
+        if cfg.sampling.channels_last:  # convolution weights (and so their outputs) in NHWC
+            self.model.unet.to(memory_format=torch.channels_last)
         self.version = 0
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
@@ -65,12 +67,14 @@ class RolloutGenerator:
             cond = self.model.condition([p.weighted_prompt for p in plans])
             guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
             roll = sample_rollout(self.model, cond, self.model.negative(), guidance, ss, s.num_steps, s.eta)
-            images = self.model.decode(roll.latents[:, -1].to(self.model.device)).cpu()
+            # quantised on the device: a quarter of the bytes cross to the host
+            images = self.model.decode(roll.latents[:, -1].to(self.model.device))
+            images = (images * 255).round().to(torch.uint8).cpu()
             out.append(
                 TrajectoryBatch(
                     prompts=list(ps), plans=[p.to_json() for p in plans], latents=roll.latents,
                     log_probs=roll.log_probs, timesteps=roll.timesteps, guidance=guidance, cond=cond,
-                    images=(images * 255).round().to(torch.uint8), policy_version=self.version, evaluation=not explore,
+                    images=images, policy_version=self.version, evaluation=not explore,
                 )
             )
             if on_batch is not None:

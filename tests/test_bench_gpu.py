@@ -32,7 +32,8 @@ def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
         assert r["update_s_per_sample"] > 0
         assert r["logprob_mismatch"] < 1e-4  # float32 on the CPU: on-policy up to float error
         assert r["sampler_fused_img_s"] > 0  # the fused sampler is on-policy too (its LoRA is non-zero by then)
-        assert set(r["logprob_mismatch_after_update"]) == {"unfused", "fused"}
+        assert r["sampler_fused_channels_last_img_s"] > 0 and len(t["sampler_fused_cl"]) == 2
+        assert set(r["logprob_mismatch_after_update"]) == {"unfused", "fused", "fused_channels_last"}
         assert all(v < 1e-4 for v in r["logprob_mismatch_after_update"].values())
         assert [a["k"] for a in r["alignprop"]] == [1, 3] and all(a["s_per_sample"] > 0 for a in r["alignprop"])
         # --profile: one table per call, each naming its wall and device time (no device time on the CPU)

@@ -74,3 +74,22 @@ def lora_checksum_of(state) -> str:
     from common.pipelines import lora_checksum
 
     return lora_checksum({n: t for n, (t, _) in state.items() if "lora_" in n})
+
+
+def test_channels_last_sampling_is_the_same_policy(tiny_cfg):
+    """sampling.channels_last keeps the sampler's convolution weights in NHWC (GPU convolutions' native layout):
+    the same policy and on-policy log-probs for a learner whose UNet stays contiguous."""
+    cl_cfg = tiny_cfg.model_copy(deep=True)
+    cl_cfg.sampling.channels_last = cl_cfg.sampling.fuse_lora = True
+    learner = _moved_learner(tiny_cfg)
+    plain, cl = RolloutGenerator(tiny_cfg), RolloutGenerator(cl_cfg)
+    convs = [m.weight for m in cl.model.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # a 1x1 kernel is both; a 3x3 one is changed
+    for g in (plain, cl):
+        g.set_weights(*learner.weights())
+    a, b = plain.generate(PROMPTS, list(range(8))), cl.generate(PROMPTS, list(range(8)))
+    assert (a.latents - b.latents).abs().max() < 1e-4 and (a.log_probs - b.log_probs).abs().max() < 1e-4
+    b.rewards = torch.linspace(-1, 1, 8)
+    m = learner.train(b)
+    assert m["logprob_mismatch"] < 1e-4 and abs(m["ratio_mean"] - 1) < 1e-4

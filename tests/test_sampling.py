@@ -6,9 +6,13 @@ from diffusers import DDIMScheduler
 from common.exploration import plan_rollout
 from common.models.sd import StableDiffusion
 from common.sampling import (
+    LazyNoise,
     ddim_step_with_logprob,
     ddim_timesteps,
+    denoise,
+    initial_noise,
     recompute_logprobs,
+    rollout_noise,
     sample_rollout,
 )
 
@@ -127,3 +131,23 @@ def test_scheduler_table_moves_once_per_device_not_once_per_step(tiny_cfg, tiny_
     torch.testing.assert_close(roll.latents, ref.latents, rtol=0, atol=0)
     torch.testing.assert_close(roll.log_probs, ref.log_probs, rtol=0, atol=0)
     assert (lp.view(2, 6) - roll.log_probs).abs().max() < 1e-4
+
+
+def test_lazy_noise_draws_the_same_values_as_one_block(tiny_cfg, tiny_pipe):
+    """The sampler draws each step's noise as the chain reaches it (so that drawing overlaps the GPU's work);
+    the values, and so the samples of a seed, are those of the single [B, T+1, ...] draw."""
+    for shape in [(4, 8, 8), (4, 64, 64), (4, 128, 96)]:
+        lazy = rollout_noise([5, 2**40 + 3], 3, shape)
+        assert isinstance(lazy, LazyNoise) and lazy.shape == (2, 4, *shape)
+        block = initial_noise([5, 2**40 + 3], 3, shape)
+        assert all(torch.equal(lazy.step(i), block[:, i]) for i in (0, 2, 1, 3))  # any order, drawn once
+    assert isinstance(rollout_noise([1], 3, (3, 5, 7)), torch.Tensor)  # 105 values a step: one block instead
+    model = StableDiffusion(tiny_pipe)
+    cond = model.condition([plan_rollout("a cat", 0, tiny_cfg.exploration, 6, 5.0, explore=False).weighted_prompt] * 2)
+    g = torch.full((2, 6), 5.0)
+    roll = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0)
+    with torch.no_grad():
+        steps = list(denoise(model, cond, model.negative(), g, initial_noise([1, 2], 6, model.latent_shape), 1.0))
+    torch.testing.assert_close(roll.latents[:, 0], initial_noise([1, 2], 6, model.latent_shape)[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(roll.latents[:, 1:], torch.stack([x for x, _ in steps], 1), rtol=0, atol=0)
+    torch.testing.assert_close(roll.log_probs, torch.stack([lp for _, lp in steps], 1), rtol=0, atol=0)
