@@ -228,12 +228,44 @@ def sample_rollout(
     sch = model.scheduler
     ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
     noise = rollout_noise(seeds, num_steps, model.latent_shape)
-    chain = [_noise_on(noise, 0, model.device).to(model.device)]  # x_T
+    chain = _HostChain(noise.shape, model.device)
+    chain.put(0, noise.step(0) if isinstance(noise, LazyNoise) else noise[:, 0])  # x_T
     logps = []
-    for x, lp in denoise(model, cond, uncond, guidance, noise, eta):
-        chain.append(x)
+    for i, (x, lp) in enumerate(denoise(model, cond, uncond, guidance, noise, eta)):
+        chain.put(i + 1, x)
         logps.append(lp)
-    return Rollout(torch.stack(chain, 1).cpu(), torch.stack(logps, 1).cpu(), ts)
+    return Rollout(chain.result(), torch.stack(logps, 1).cpu(), ts)
+
+
+class _HostChain:
+    """The chain [B, T+1, C, h, w] on the host, recorded as it is made. On a GPU each step's latents are
+    copied into pinned host memory as soon as they exist, one sample at a time (each destination block is
+    contiguous, so the copy is asynchronous): the transfer overlaps the next step's UNet call instead of
+    following the last step. On an H200 the chain's single copy at the end (53 MB for SD1.5 at batch 16)
+    was among the 3% by which the fused sampler trailed the plain pipeline. Elsewhere: stacked at the end."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device | str, per_step: bool | None = None):
+        """`per_step`: copy each step into a host buffer (default: on a GPU; a test forces it on the CPU)."""
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.per_step = self.cuda if per_step is None else per_step
+        self.host = torch.empty(shape, dtype=torch.float32, pin_memory=self.cuda) if self.per_step else None
+        self.steps: list[torch.Tensor] = []
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        """Step i's latents [B, C, h, w] (i = 0: x_T)."""
+        if not self.per_step:
+            self.steps.append(x.to(self.device))
+            return
+        for b in range(x.shape[0]):
+            self.host[b, i].copy_(x[b], non_blocking=True)
+
+    def result(self) -> torch.Tensor:
+        if not self.per_step:
+            return torch.stack(self.steps, 1).cpu()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # every copy has landed
+        return self.host
 
 
 def recompute_logprobs(

@@ -151,3 +151,26 @@ def test_lazy_noise_draws_the_same_values_as_one_block(tiny_cfg, tiny_pipe):
     torch.testing.assert_close(roll.latents[:, 0], initial_noise([1, 2], 6, model.latent_shape)[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(roll.latents[:, 1:], torch.stack([x for x, _ in steps], 1), rtol=0, atol=0)
     torch.testing.assert_close(roll.log_probs, torch.stack([lp for _, lp in steps], 1), rtol=0, atol=0)
+
+
+def test_chain_recorded_step_by_step_equals_the_stacked_chain(tiny_cfg, tiny_pipe, monkeypatch):
+    """On a GPU the sampler copies each step's latents to pinned host memory as they are made (overlapping the
+    transfer with the next step); the same per-sample copies, forced on the CPU, give the stacked chain."""
+    from common import sampling
+
+    model = StableDiffusion(tiny_pipe)
+    cond = model.condition([plan_rollout("a cat", 0, tiny_cfg.exploration, 6, 5.0, explore=False).weighted_prompt] * 3)
+    g = torch.full((3, 6), 5.0)
+    ref = sample_rollout(model, cond, model.negative(), g, [1, 2, 3], 6, 1.0)
+    made = []
+
+    class PerStep(sampling._HostChain):
+        def __init__(self, shape, device):
+            super().__init__(shape, device, per_step=True)
+            made.append(self)
+
+    monkeypatch.setattr(sampling, "_HostChain", PerStep)
+    roll = sample_rollout(model, cond, model.negative(), g, [1, 2, 3], 6, 1.0)
+    assert len(made) == 1 and made[0].host is roll.latents and not made[0].steps
+    torch.testing.assert_close(roll.latents, ref.latents, rtol=0, atol=0)
+    torch.testing.assert_close(roll.log_probs, ref.log_probs, rtol=0, atol=0)
