@@ -3,7 +3,7 @@
 # network, about 15 minutes of device time in all, 10 minutes a command). Results go to $OUT.
 #
 #   here, once:      bash bench/device_wheels.sh          (downloads the missing packages into .whl/)
-#   on the device:   run(command="bash bench/device_check.sh gpu", carry=[".whl"], timeout_s=430)
+#   on the device:   run(command="bash bench/device_check.sh gpu", carry=[".whl"], timeout_s=520)
 #                    run(command="bash bench/device_check.sh study", carry=[".whl"], timeout_s=480)
 #   On the H200 (2026-12-04) a machine started in about 35 s; the gpu part took 311 s (SD1.5 156 s, SDXL 146 s,
 #   before --profile); the study trained its 6 runs in 152 s and judged 4 of them in the remaining 200 s of a
@@ -11,7 +11,10 @@
 #   after 30 s idle.
 #   Second H200 session (same day): SD1.5 with --repeats 2 and --profile overran a 220 s limit (cut in its
 #   mismatch stage); GPU_PROFILE=0 GPU_REPEATS=1 took 128 s (SD1.5) + 148 s (SDXL). With both on, allow about
-#   230 + 180 s: GPU_SD15_LIMIT=230 GPU_SDXL_LIMIT=180 and timeout_s=430 (the defaults below).
+#   230 + 180 s. SD1.5 also times sampling.compile (GPU_COMPILE, default inductor; empty to skip), whose first
+#   call compiles, guessed at 1-2 minutes: so the defaults are GPU_SD15_LIMIT=320 GPU_SDXL_LIMIT=180 and the
+#   call's timeout_s=520, which leaves too little of the 15 minutes for the study part after it; for both,
+#   run the gpu part with GPU_COMPILE= GPU_SD15_LIMIT=230 (timeout_s=430).
 #   CPU smoke test:  OUT=/tmp/out SMOKE=1 bash bench/device_check.sh gpu,rewards,study
 #   What travels is capped at 64 MiB and the tracked tree is about 64 MiB, most of it the two Shapes models;
 #   no part uses shapes-base-order, so move common/assets/shapes_base_order out of the tree (and out of the
@@ -61,7 +64,7 @@ part() {  # part NAME SECONDS COMMAND...: run one part under its time limit, say
 }
 
 if [ -n "${SMOKE:-}" ]; then  # the same parts at toy size on the CPU (checks the script, not the figures)
-    GPU_SD15=(--small --steps 3 --batch 4 --alignprop-ks 1)
+    GPU_SD15=(--small --steps 3 --batch 4 --alignprop-ks 1 --compile eager)
     GPU_SDXL=(--small --steps 3 --batch 4 --alignprop-ks 1)
     REWARD_ARGS=(--rewards aesthetic,imagereward --batch 4 --reps 1)
     STUDY_ARGS=(--seeds 0 --arms plain,diffexp --parallel 1 --threads 2 --set train.epochs=2 --set train.checkpoint_every=1
@@ -71,7 +74,7 @@ if [ -n "${SMOKE:-}" ]; then  # the same parts at toy size on the CPU (checks th
 else
     # AlignProp's figures were measured on the H200 (docs/architecture.md, "GPU"): not again, to leave time for
     # a second interleaved round of the SD1.5 sampler/pipeline timings and the profiles
-    GPU_SD15=(--steps 50 --batch 16 --alignprop-ks "" --repeats "${GPU_REPEATS:-2}")
+    GPU_SD15=(--steps 50 --batch 16 --alignprop-ks "" --repeats "${GPU_REPEATS:-2}" --compile "${GPU_COMPILE-inductor}")
     GPU_SDXL=(--steps 30 --batch 4 --alignprop-ks "" --repeats 1)
     REWARD_ARGS=(--full --batch 32 --reps 3)
     # DDPO at 10 steps as in docs/results.md ("the study on DDPO at 10 steps"), 4x the CPU study's budget
@@ -87,7 +90,7 @@ for p in "${WANT[@]}"; do
     gpu)
         PROF=(--profile "$OUT/profile.txt")
         [ "${GPU_PROFILE:-1}" = 0 ] && PROF=()
-        part gpu_sd15 "${GPU_SD15_LIMIT:-230}" $PY bench/gpu.py --family sd15 --out "$OUT/gpu_sd15.json" \
+        part gpu_sd15 "${GPU_SD15_LIMIT:-320}" $PY bench/gpu.py --family sd15 --out "$OUT/gpu_sd15.json" \
             "${PROF[@]}" "${GPU_SD15[@]}"
         rc=$?
         if [ $rc != 0 ] && [ $rc != 124 ]; then echo "== stopping: SD1.5 failed (exit $rc)"; exit $rc; fi

@@ -16,6 +16,8 @@ Measured per family, printed as one JSON document (and written to --out):
   logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
   sampler_fused_img_s              the sampler with sampling.fuse_lora (LoRA folded into the weights per call)
   sampler_fused_channels_last_img_s  and with sampling.channels_last as well (NHWC convolution weights)
+  sampler_fused_compiled_img_s     with --compile BACKEND: the fused sampler with sampling.compile; and
+  compile_first_call_s             its first call's seconds, which compile
   logprob_mismatch_after_update    max |recomputed - sampled| log-prob over every step of 4 samples drawn
                                    after the update (non-zero LoRA), from the unfused and the fused sampler,
                                    and the fused one in channels-last
@@ -134,21 +136,35 @@ VARIANTS = ("sampler", "sampler_fused", "sampler_fused_cl", "pipeline_with_lora"
 
 @contextmanager
 def memory_format(gen, name: str):
-    """The UNet in channels-last for the "_cl" variants (sampling.channels_last), put back afterwards: the
-    pipeline shares the module. Kept outside the timed calls, as the sampler converts once at start-up."""
-    if not name.endswith("_cl"):
-        yield
-        return
-    gen.model.unet.to(memory_format=torch.channels_last)
+    """The setting a variant's name asks for, outside the timed call, put back afterwards (the pipeline shares
+    the module): "_cl" the UNet in channels-last (sampling.channels_last, which the sampler sets once at
+    start-up), "_compiled" the compiled UNet of `compile_unet` for the sampler's gradient-free calls."""
+    if name.endswith("_cl"):
+        gen.model.unet.to(memory_format=torch.channels_last)
+    elif name.endswith("_compiled"):
+        gen.model.sampling_unet = gen.bench_compiled
     try:
         yield
     finally:
-        gen.model.unet.to(memory_format=torch.contiguous_format)
+        if name.endswith("_cl"):
+            gen.model.unet.to(memory_format=torch.contiguous_format)
+        gen.model.sampling_unet = None
+
+
+def compile_unet(gen, backend: str, warm_up) -> float:
+    """torch.compile the sampler's UNet with `backend` (as sampling.compile does) and compile it by one fused
+    call, `warm_up(name)`: returns that call's seconds (the compile time, about)."""
+    gen.bench_compiled = torch.compile(gen.model.unet, backend=backend)
+    t = time.perf_counter()
+    with memory_format(gen, "sampler_fused_compiled"):
+        warm_up("sampler_fused_compiled")
+    return time.perf_counter() - t
 
 
 def run_variant(gen, pipe, prompts, seeds, kw, name: str):
     """One call of a variant: our sampler ("sampler"), with sampling.fuse_lora ("sampler_fused"), and with
-    sampling.channels_last too ("sampler_fused_cl", inside `memory_format`), the diffusers pipeline with our
+    sampling.channels_last or sampling.compile too ("sampler_fused_cl", "sampler_fused_compiled", inside
+    `memory_format`), the diffusers pipeline with our
     LoRA adapter active ("pipeline_with_lora") or disabled ("pipeline"); `pipe` shares our modules. The
     settings are restored afterwards."""
     gen.cfg.sampling.fuse_lora = name.startswith("sampler_fused")
@@ -162,10 +178,10 @@ def run_variant(gen, pipe, prompts, seeds, kw, name: str):
         pipe.unet.enable_adapters()
 
 
-def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str) -> dict[str, list[float]]:
+def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str, names=VARIANTS) -> dict[str, list[float]]:
     """Seconds of each of `repeats` calls of the four variants of `run_variant`, interleaved round by round so
     that a drift of the clocks or the machine's load reaches all four alike."""
-    out: dict[str, list[float]] = {n: [] for n in VARIANTS}
+    out: dict[str, list[float]] = {n: [] for n in names}
     with memory_format(gen, "sampler_fused_cl"):  # warm-up: other convolution kernels
         run_variant(gen, pipe, prompts, seeds, kw, "sampler_fused_cl")
     for _ in range(repeats):
@@ -264,7 +280,17 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
               height=models[0].height, width=models[0].width)  # fmt: skip
     with torch.no_grad():
         ref(prompts, **kw)  # warm-up
-    times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, device)
+    names = VARIANTS
+    if args.compile:  # compiled first (the first call compiles), then timed with the others
+        warm = partial(run_variant, gen, ref, prompts, seeds, kw)
+        try:
+            res["compile_first_call_s"] = round(compile_unet(gen, args.compile, warm), 1)
+            names = VARIANTS + ("sampler_fused_compiled",)
+        except Exception as e:  # noqa: BLE001 (a machine without a compiler toolchain: say so, measure the rest)
+            res["compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            log(f"[{family}] sampling.compile failed, skipped: {res['compile_error']}")
+            args.compile = ""
+    times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, device, names)
     res["timing"] = {"repeats": args.repeats, "seconds": times}  # every call, interleaved; figures: the best
     t_ours, t_fused, t_cl, t_lora, t_ref = (min(times[n]) for n in VARIANTS)
     res["sampler_img_s"] = round(args.batch / t_ours, 3)
@@ -275,6 +301,10 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     res["sampler_fused_vs_pipeline"] = round(t_ref / t_fused, 3)
     res["sampler_fused_channels_last_img_s"] = round(args.batch / t_cl, 3)
     res["sampler_fused_channels_last_vs_pipeline"] = round(t_ref / t_cl, 3)
+    if args.compile:
+        t_comp = min(times["sampler_fused_compiled"])
+        res["sampler_fused_compiled_img_s"] = round(args.batch / t_comp, 3)
+        res["sampler_fused_compiled_vs_pipeline"] = round(t_ref / t_comp, 3)
     save()
     if args.profile:  # where the sampler's time goes beside the pipeline's: device busy, or host-bound
         path = Path(args.profile).with_name(f"{Path(args.profile).stem}_{family}.txt")
@@ -304,9 +334,12 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     res["lora_sync_ms"] = round(1000 * t_sync, 1)
     save()
     res["logprob_mismatch_after_update"] = {}
-    for name in ("unfused", "fused", "fused_channels_last"):  # the sampler's; the learner's UNet stays contiguous
-        with memory_format(gen, name.replace("channels_last", "cl")):
-            res["logprob_mismatch_after_update"][name] = mismatch(gen, learner, prompts[:4], seeds[:4], name != "unfused")
+    # the sampler's variants (the learner's UNet stays contiguous and eager) on 4 samples; the compiled one on
+    # the timed batch, as a new batch size would compile again
+    for name in ("unfused", "fused", "fused_channels_last") + (("fused_compiled_whole_batch",) if args.compile else ()):
+        n = args.batch if "compiled" in name else 4
+        with memory_format(gen, name.replace("channels_last", "cl").replace("_whole_batch", "")):
+            res["logprob_mismatch_after_update"][name] = mismatch(gen, learner, prompts[:n], seeds[:n], name != "unfused")
         save()
     res["alignprop"] = bench_alignprop(cfg, models[1], args, device)
     log(f"[{family}] update {res.get('update_s_per_sample')} s/sample, peak {res.get('peak_gb', '-')} GB, sync {res['lora_sync_ms']} ms")
@@ -381,6 +414,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. algorithm.max_unet_batch=32")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--alignprop-ks", default="1,10", help="AlignProp truncations K to time (empty: skip)")
+    ap.add_argument("--compile", default="", metavar="BACKEND",
+                    help="also time the fused sampler with sampling.compile=BACKEND (e.g. inductor; compiles first)")
     ap.add_argument("--repeats", type=int, default=1, help="timed calls of each sampler and pipeline variant")
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="profile one fused sampler call and one pipeline call (to PATH's stem_FAMILY.txt)")

@@ -82,6 +82,12 @@ class SamplingConfig(_Strict):
         "GPU convolution kernels use natively (without it cuDNN converts each convolution's input). The "
         "same model, but other kernels: in bf16 results differ in the last bits, so check logprob_mismatch.",
     )
+    compile: str | None = Field(
+        None,
+        description="torch.compile backend for the samplers' UNet (e.g. 'inductor'; None: eager). Only calls "
+        "without gradients use it (the learner's recomputation runs eagerly). The first call compiles (about a "
+        "minute per graph for a full-size UNet; fused and unfused LoRA are two graphs); check logprob_mismatch.",
+    )
     fuse_lora: bool = Field(
         False,
         description="Samplers fold the LoRA into the frozen UNet weights for each generate call (one matmul a "

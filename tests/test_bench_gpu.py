@@ -11,7 +11,7 @@ def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
     prof = tmp_path / "prof.txt"
     code = (
         "import sys, json; sys.argv = ['gpu.py', '--small', '--steps', '3', '--batch', '4',"
-        f" '--alignprop-ks', '1,3', '--profile', {str(prof)!r}, '--repeats', '2'];"
+        f" '--alignprop-ks', '1,3', '--profile', {str(prof)!r}, '--repeats', '2', '--compile', 'eager'];"
         "sys.path.insert(0, 'bench'); import gpu; out = gpu.main(sys.argv[1:]);"
         "assert 'ray' not in sys.modules, 'bench/gpu.py imported ray'"
     )
@@ -33,7 +33,10 @@ def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
         assert r["logprob_mismatch"] < 1e-4  # float32 on the CPU: on-policy up to float error
         assert r["sampler_fused_img_s"] > 0  # the fused sampler is on-policy too (its LoRA is non-zero by then)
         assert r["sampler_fused_channels_last_img_s"] > 0 and len(t["sampler_fused_cl"]) == 2
-        assert set(r["logprob_mismatch_after_update"]) == {"unfused", "fused", "fused_channels_last"}
+        assert r["sampler_fused_compiled_img_s"] > 0 and len(t["sampler_fused_compiled"]) == 2  # --compile
+        assert r["compile_first_call_s"] > 0
+        assert set(r["logprob_mismatch_after_update"]) == {"unfused", "fused", "fused_channels_last",
+                                                           "fused_compiled_whole_batch"}  # fmt: skip
         assert all(v < 1e-4 for v in r["logprob_mismatch_after_update"].values())
         assert [a["k"] for a in r["alignprop"]] == [1, 3] and all(a["s_per_sample"] > 0 for a in r["alignprop"])
         # --profile: one table per call, each naming its wall and device time (no device time on the CPU)

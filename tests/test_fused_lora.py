@@ -93,3 +93,28 @@ def test_channels_last_sampling_is_the_same_policy(tiny_cfg):
     b.rewards = torch.linspace(-1, 1, 8)
     m = learner.train(b)
     assert m["logprob_mismatch"] < 1e-4 and abs(m["ratio_mean"] - 1) < 1e-4
+
+
+def test_compiled_sampling_is_the_same_policy_and_the_learner_runs_eagerly(tiny_cfg):
+    """sampling.compile: the sampler's gradient-free UNet calls go through torch.compile (here the 'eager'
+    backend: dynamo's tracing, guards and recompiles without a C++ toolchain), fused and unfused; the chain is
+    the eager one and the learner's update on it, which takes gradients through the module itself, is on-policy."""
+    c_cfg = tiny_cfg.model_copy(deep=True)
+    c_cfg.sampling.compile = "eager"
+    learner = _moved_learner(tiny_cfg)
+    plain, comp = RolloutGenerator(tiny_cfg), RolloutGenerator(c_cfg)
+    m = comp.model
+    assert m.sampling_unet is not None and m.sampling_unet is not m.unet
+    with torch.no_grad():
+        assert m.unet_call() is m.sampling_unet
+    assert m.unet_call() is m.unet  # a call that takes gradients: the module itself
+    for g in (plain, comp):
+        g.set_weights(*learner.weights())
+    a = plain.generate(PROMPTS, list(range(8)))
+    for fuse in (False, True):
+        comp.cfg.sampling.fuse_lora = fuse
+        b = comp.generate(PROMPTS, list(range(8)))
+        assert (a.latents - b.latents).abs().max() < 1e-4 and (a.log_probs - b.log_probs).abs().max() < 1e-4
+    b.rewards = torch.linspace(-1, 1, 8)
+    m = learner.train(b)
+    assert m["logprob_mismatch"] < 1e-4 and abs(m["ratio_mean"] - 1) < 1e-4

@@ -66,6 +66,9 @@ class DiffusionModel(ABC):
         self.height, self.width = self._check_resolution(resolution)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._empty: list[torch.Tensor] | None = None
+        # a compiled UNet for the calls that take no gradient (sampling.compile); the learner's calls, which
+        # do, run the module itself
+        self.sampling_unet: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -89,6 +92,12 @@ class DiffusionModel(ABC):
         """One UNet call: model output [N, C, h, w] (float32) for latents [N, ...], timesteps [N], cond [N, ...]."""
 
     # ------------------------------------------------------------------ shared parts
+    def unet_call(self) -> torch.nn.Module:
+        """The UNet `predict` calls: the compiled one (`sampling_unet`) where set and no gradient is taken."""
+        if self.sampling_unet is not None and not torch.is_grad_enabled():
+            return self.sampling_unet
+        return self.unet
+
     @property
     def modules(self) -> list[torch.nn.Module]:
         """Every module of the model (UNet, VAE, text encoders)."""

@@ -29,4 +29,4 @@ class StableDiffusion(DiffusionModel):
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.unet.dtype
-        return self.unet(latents.to(dtype), timesteps, encoder_hidden_states=cond["prompt_embeds"].to(dtype)).sample.float()
+        return self.unet_call()(latents.to(dtype), timesteps, encoder_hidden_states=cond["prompt_embeds"].to(dtype)).sample.float()

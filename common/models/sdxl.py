@@ -62,6 +62,6 @@ class StableDiffusionXL(DiffusionModel):
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.unet.dtype
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
-        return self.unet(
+        return self.unet_call()(
             latents.to(dtype), timesteps, encoder_hidden_states=cond["prompt_embeds"].to(dtype), added_cond_kwargs=added
         ).sample.float()
