@@ -66,13 +66,17 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> float:
     return dt
 
 
-def ours(backend: str, model: str, epochs: int, out_dir: Path) -> tuple[list[str], dict]:
+COMPILED = ["sampling.compile=inductor", "algorithm.compile=inductor"]  # "local-compiled"
+
+
+def ours(backend: str, model: str, epochs: int, out_dir: Path, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
     sets = [
         *REFERENCE,
         *COMMON,
         f"model.pretrained={model}",
         f"train.epochs={epochs}",
         f"cluster.backend={backend}",
+        *extra,
     ]
     cmd = [sys.executable, "-m", "learner.main", "--config", "tiny", "--output", str(out_dir)]
     for s in sets:
@@ -100,18 +104,21 @@ def main() -> None:
     ap.add_argument("--ddpo-pytorch", type=Path, help="a checkout of kvablack/ddpo-pytorch")
     ap.add_argument("--ddpo-python", help="the python of a venv with ddpo-pytorch's requirements")
     ap.add_argument("--work", type=Path, default=Path("/tmp/startup_bench"))
-    ap.add_argument("--only", help="comma-separated systems to run: ray, local, ddpo-pytorch")
+    ap.add_argument("--only", help="comma-separated systems to run: ray, local, local-compiled, ddpo-pytorch")
     args = ap.parse_args()
 
     systems = {"ours, Ray": lambda e, o: (*ours("ray", args.model, e, o), ROOT),
-               "ours, local": lambda e, o: (*ours("local", args.model, e, o), ROOT)}  # fmt: skip
+               "ours, local": lambda e, o: (*ours("local", args.model, e, o), ROOT),
+               # torch.compile for the sampler and the learner (inductor's on-disk cache shortens later compiles)
+               "ours, local, compiled": lambda e, o: (*ours("local", args.model, e, o, tuple(COMPILED)), ROOT)}  # fmt: skip
     if args.ddpo_pytorch:
         systems["ddpo-pytorch"] = lambda e, o: (
             *ddpo(args.ddpo_python, args.ddpo_pytorch, args.model, e, o),
             args.ddpo_pytorch,
         )
     if args.only:
-        keep = {"ray": "ours, Ray", "local": "ours, local", "ddpo-pytorch": "ddpo-pytorch"}
+        keep = {"ray": "ours, Ray", "local": "ours, local", "local-compiled": "ours, local, compiled",
+                "ddpo-pytorch": "ddpo-pytorch"}  # fmt: skip
         systems = {keep[k]: systems[keep[k]] for k in args.only.split(",")}
     times: dict[str, dict[int, list[float]]] = {name: {args.short: [], args.long: []} for name in systems}
     for r in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
@@ -136,7 +143,7 @@ def main() -> None:
         print(f"| {name} | {hi:.1f} +- {sd:.1f} | {per:.2f} | {hi - args.long * per:.1f} | {lo:.1f} |")
     if "ddpo-pytorch" in rows:
         ref_total, ref_per = rows["ddpo-pytorch"]
-        for name in [n for n in ("ours, Ray", "ours, local") if n in rows]:
+        for name in [n for n in ("ours, Ray", "ours, local", "ours, local, compiled") if n in rows]:
             total, per = rows[name]
             print(
                 f"{name}: whole process {total / ref_total:.2f}x ddpo-pytorch's, per epoch {ref_per / per:.2f}x as fast"

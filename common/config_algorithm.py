@@ -168,6 +168,11 @@ class AlgorithmConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in the backward pass: much less memory, more compute."
     )
+    compile: str | None = Field(
+        None,
+        description="torch.compile backend for the learner's UNet calls that take gradients (e.g. 'inductor'; "
+        "None: eager). The first update compiles (forward and backward; train and eval mode are two graphs).",
+    )
     stat_tracking: StatTrackerConfig = Field(default_factory=StatTrackerConfig)
 
 

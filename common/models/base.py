@@ -66,9 +66,10 @@ class DiffusionModel(ABC):
         self.height, self.width = self._check_resolution(resolution)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._empty: list[torch.Tensor] | None = None
-        # a compiled UNet for the calls that take no gradient (sampling.compile); the learner's calls, which
-        # do, run the module itself
+        # compiled UNets (the same module and weights): for the calls that take no gradient (sampling.compile)
+        # and for those that do (algorithm.compile, the learner's)
         self.sampling_unet: torch.nn.Module | None = None
+        self.training_unet: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -93,10 +94,10 @@ class DiffusionModel(ABC):
 
     # ------------------------------------------------------------------ shared parts
     def unet_call(self) -> torch.nn.Module:
-        """The UNet `predict` calls: the compiled one (`sampling_unet`) where set and no gradient is taken."""
-        if self.sampling_unet is not None and not torch.is_grad_enabled():
-            return self.sampling_unet
-        return self.unet
+        """The UNet `predict` calls: a compiled one where set (`sampling_unet` without gradients,
+        `training_unet` with them), else the module itself."""
+        compiled = self.training_unet if torch.is_grad_enabled() else self.sampling_unet
+        return compiled if compiled is not None else self.unet
 
     @property
     def modules(self) -> list[torch.nn.Module]:
