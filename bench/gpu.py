@@ -16,7 +16,8 @@ Measured per family, printed as one JSON document (and written to --out):
   logprob_mismatch                 first-minibatch |recomputed - sampled| log-prob, in the model dtype
   sampler_fused_img_s              the sampler with sampling.fuse_lora (LoRA folded into the weights per call)
   sampler_fused_channels_last_img_s  and with sampling.channels_last as well (NHWC convolution weights)
-  sampler_fused_compiled_img_s     with --compile BACKEND: the fused sampler with sampling.compile; and
+  sampler_fused_compiled_img_s     with --compile BACKEND, last: the fused sampler with sampling.compile,
+                                   timed beside the plain pipeline ("timing_compiled"); and
   compile_first_call_s             its first call's seconds, which compile
   logprob_mismatch_after_update    max |recomputed - sampled| log-prob over every step of 4 samples drawn
                                    after the update (non-zero LoRA), from the unfused and the fused sampler,
@@ -280,17 +281,7 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
               height=models[0].height, width=models[0].width)  # fmt: skip
     with torch.no_grad():
         ref(prompts, **kw)  # warm-up
-    names = VARIANTS
-    if args.compile:  # compiled first (the first call compiles), then timed with the others
-        warm = partial(run_variant, gen, ref, prompts, seeds, kw)
-        try:
-            res["compile_first_call_s"] = round(compile_unet(gen, args.compile, warm), 1)
-            names = VARIANTS + ("sampler_fused_compiled",)
-        except Exception as e:  # noqa: BLE001 (a machine without a compiler toolchain: say so, measure the rest)
-            res["compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            log(f"[{family}] sampling.compile failed, skipped: {res['compile_error']}")
-            args.compile = ""
-    times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, device, names)
+    times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, device)
     res["timing"] = {"repeats": args.repeats, "seconds": times}  # every call, interleaved; figures: the best
     t_ours, t_fused, t_cl, t_lora, t_ref = (min(times[n]) for n in VARIANTS)
     res["sampler_img_s"] = round(args.batch / t_ours, 3)
@@ -301,10 +292,6 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     res["sampler_fused_vs_pipeline"] = round(t_ref / t_fused, 3)
     res["sampler_fused_channels_last_img_s"] = round(args.batch / t_cl, 3)
     res["sampler_fused_channels_last_vs_pipeline"] = round(t_ref / t_cl, 3)
-    if args.compile:
-        t_comp = min(times["sampler_fused_compiled"])
-        res["sampler_fused_compiled_img_s"] = round(args.batch / t_comp, 3)
-        res["sampler_fused_compiled_vs_pipeline"] = round(t_ref / t_comp, 3)
     save()
     if args.profile:  # where the sampler's time goes beside the pipeline's: device busy, or host-bound
         path = Path(args.profile).with_name(f"{Path(args.profile).stem}_{family}.txt")
@@ -334,12 +321,14 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     res["lora_sync_ms"] = round(1000 * t_sync, 1)
     save()
     res["logprob_mismatch_after_update"] = {}
-    # the sampler's variants (the learner's UNet stays contiguous and eager) on 4 samples; the compiled one on
-    # the timed batch, as a new batch size would compile again
-    for name in ("unfused", "fused", "fused_channels_last") + (("fused_compiled_whole_batch",) if args.compile else ()):
-        n = args.batch if "compiled" in name else 4
-        with memory_format(gen, name.replace("channels_last", "cl").replace("_whole_batch", "")):
-            res["logprob_mismatch_after_update"][name] = mismatch(gen, learner, prompts[:n], seeds[:n], name != "unfused")
+    # the sampler's variants on 4 samples (the learner's UNet stays contiguous and eager)
+    for name in ("unfused", "fused", "fused_channels_last"):
+        with memory_format(gen, name.replace("channels_last", "cl")):
+            res["logprob_mismatch_after_update"][name] = mismatch(gen, learner, prompts[:4], seeds[:4], name != "unfused")
+        save()
+    if args.compile:  # after the rest of the sampler's figures: compiling may take minutes (and before
+        # AlignProp, which trains the learner's LoRA away from the sampler's)
+        bench_compiled(gen, learner, ref, prompts, seeds, kw, args, res, log, family)
         save()
     res["alignprop"] = bench_alignprop(cfg, models[1], args, device)
     log(f"[{family}] update {res.get('update_s_per_sample')} s/sample, peak {res.get('peak_gb', '-')} GB, sync {res['lora_sync_ms']} ms")
@@ -347,6 +336,30 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return res
+
+
+def bench_compiled(gen, learner, ref, prompts, seeds, kw, args, res: dict, log, family: str) -> None:
+    """The fused sampler with sampling.compile=args.compile: its first call (which compiles), its speed timed
+    interleaved with the plain pipeline's (`repeats` rounds, the ratio from these rounds alone) and its
+    log-prob mismatch on the timed batch (another batch size would compile again). A compile failure is
+    recorded, not raised."""
+    try:
+        first = compile_unet(gen, args.compile, partial(run_variant, gen, ref, prompts, seeds, kw))
+        res["compile_first_call_s"] = round(first, 1)
+    except Exception as e:  # noqa: BLE001 (a machine without a compiler toolchain: say so, keep the rest)
+        res["compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        log(f"[{family}] sampling.compile failed: {res['compile_error']}")
+        return
+    names = ("sampler_fused_compiled", "pipeline")
+    times = timed_variants(gen, ref, prompts, seeds, kw, args.repeats, args.device, names)
+    res["timing_compiled"] = times
+    t_comp, t_ref = min(times["sampler_fused_compiled"]), min(times["pipeline"])
+    res["sampler_fused_compiled_img_s"] = round(args.batch / t_comp, 3)
+    res["sampler_fused_compiled_vs_pipeline"] = round(t_ref / t_comp, 3)
+    with memory_format(gen, "sampler_fused_compiled"):
+        res["logprob_mismatch_after_update"]["fused_compiled_whole_batch"] = mismatch(gen, learner, prompts, seeds, True)
+    log(f"[{family}] compiled ({args.compile}): first call {res['compile_first_call_s']} s, then "
+        f"{res['sampler_fused_compiled_img_s']} img/s, {res['sampler_fused_compiled_vs_pipeline']}x the pipeline")
 
 
 @torch.no_grad()
