@@ -32,11 +32,8 @@ class RolloutGenerator:
         self.model = model if model is not None else load_policy(cfg.model, cfg.lora, device, cfg.sampling.resolution)
         if cfg.sampling.channels_last:  # convolution weights (and so their outputs) in NHWC
             self.model.unet.to(memory_format=torch.channels_last)
-        if cfg.sampling.compile:  # compiled at the first call; the module and its weights stay shared
-            try:
-                self.model.sampling_unet = torch.compile(self.model.unet, backend=cfg.sampling.compile)
-            except Exception as e:  # an unknown backend: name the setting
-                raise ValueError(f"sampling.compile={cfg.sampling.compile!r}: {e}") from e
+        if cfg.sampling.compile:
+            self.model.sampling_unet = self.model.compiled_unet(cfg.sampling.compile, "sampling.compile")
         self.version = 0
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:

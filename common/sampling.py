@@ -194,7 +194,6 @@ def denoise(
     device = model.device
     num_steps = noise.shape[1] - 1
     ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
-    device = torch.device(device)
     if isinstance(noise, torch.Tensor):
         noise = noise.to(device)
     cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
@@ -229,7 +228,7 @@ def sample_rollout(
     ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
     noise = rollout_noise(seeds, num_steps, model.latent_shape)
     chain = _HostChain(noise.shape, model.device)
-    chain.put(0, noise.step(0) if isinstance(noise, LazyNoise) else noise[:, 0])  # x_T
+    chain.put(0, _noise_on(noise, 0, torch.device("cpu")))  # x_T
     logps = []
     for i, (x, lp) in enumerate(denoise(model, cond, uncond, guidance, noise, eta)):
         chain.put(i + 1, x)

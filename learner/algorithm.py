@@ -54,11 +54,8 @@ class LoRALearner:
         self.params = [p for n, p in self.model.unet.named_parameters() if "lora_" in n]
         if cfg.algorithm.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()  # active in train mode only, i.e. in the update
-        if cfg.algorithm.compile:  # compiled at the first update; the module and its weights stay shared
-            try:
-                self.model.training_unet = torch.compile(self.model.unet, backend=cfg.algorithm.compile)
-            except Exception as e:  # an unknown backend: name the setting
-                raise ValueError(f"algorithm.compile={cfg.algorithm.compile!r}: {e}") from e
+        if cfg.algorithm.compile:
+            self.model.training_unet = self.model.compiled_unet(cfg.algorithm.compile, "algorithm.compile")
         a = cfg.algorithm
         if a.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=a.learning_rate, momentum=a.adam_betas[0],

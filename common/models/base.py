@@ -93,6 +93,14 @@ class DiffusionModel(ABC):
         """One UNet call: model output [N, C, h, w] (float32) for latents [N, ...], timesteps [N], cond [N, ...]."""
 
     # ------------------------------------------------------------------ shared parts
+    def compiled_unet(self, backend: str, setting: str) -> torch.nn.Module:
+        """torch.compile of the UNet with `backend` (compiled at its first call; the module and its weights
+        stay shared); an unknown backend is an error naming `setting`."""
+        try:
+            return torch.compile(self.unet, backend=backend)
+        except Exception as e:
+            raise ValueError(f"{setting}={backend!r}: {e}") from e
+
     def unet_call(self) -> torch.nn.Module:
         """The UNet `predict` calls: a compiled one where set (`sampling_unet` without gradients,
         `training_unet` with them), else the module itself."""
