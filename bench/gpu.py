@@ -41,14 +41,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_variants import (
+    VARIANTS,
+    compile_unet,
+    profile_calls,
+    run_variant,
+    timed,
+    timed_variants,
+    variant_setting,
+)
 
 # Published architectures (diffusers configs of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0), written out so nothing is fetched.
@@ -132,108 +140,6 @@ def same_weights(a, b) -> bool:
     return True
 
 
-VARIANTS = ("sampler", "sampler_fused", "sampler_fused_cl", "pipeline_with_lora", "pipeline")
-
-
-@contextmanager
-def memory_format(gen, name: str):
-    """The setting a variant's name asks for, outside the timed call, put back afterwards (the pipeline shares
-    the module): "_cl" the UNet in channels-last (sampling.channels_last, which the sampler sets once at
-    start-up), "_compiled" the compiled UNet of `compile_unet` for the sampler's gradient-free calls."""
-    if name.endswith("_cl"):
-        gen.model.unet.to(memory_format=torch.channels_last)
-    elif name.endswith("_compiled"):
-        gen.model.sampling_unet = gen.bench_compiled
-    try:
-        yield
-    finally:
-        if name.endswith("_cl"):
-            gen.model.unet.to(memory_format=torch.contiguous_format)
-        gen.model.sampling_unet = None
-
-
-def compile_unet(gen, backend: str, warm_up) -> float:
-    """torch.compile the sampler's UNet with `backend` (as sampling.compile does) and compile it by one fused
-    call, `warm_up(name)`: returns that call's seconds (the compile time, about)."""
-    gen.bench_compiled = torch.compile(gen.model.unet, backend=backend)
-    t = time.perf_counter()
-    with memory_format(gen, "sampler_fused_compiled"):
-        warm_up("sampler_fused_compiled")
-    return time.perf_counter() - t
-
-
-def run_variant(gen, pipe, prompts, seeds, kw, name: str):
-    """One call of a variant: our sampler ("sampler"), with sampling.fuse_lora ("sampler_fused"), and with
-    sampling.channels_last or sampling.compile too ("sampler_fused_cl", "sampler_fused_compiled", inside
-    `memory_format`), the diffusers pipeline with our
-    LoRA adapter active ("pipeline_with_lora") or disabled ("pipeline"); `pipe` shares our modules. The
-    settings are restored afterwards."""
-    gen.cfg.sampling.fuse_lora = name.startswith("sampler_fused")
-    if name == "pipeline":
-        pipe.unet.disable_adapters()
-    try:
-        with torch.no_grad():
-            return gen.generate(prompts, seeds) if name.startswith("sampler") else pipe(prompts, **kw)
-    finally:
-        gen.cfg.sampling.fuse_lora = False
-        pipe.unet.enable_adapters()
-
-
-def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str, names=VARIANTS) -> dict[str, list[float]]:
-    """Seconds of each of `repeats` calls of the four variants of `run_variant`, interleaved round by round so
-    that a drift of the clocks or the machine's load reaches all four alike."""
-    out: dict[str, list[float]] = {n: [] for n in names}
-    with memory_format(gen, "sampler_fused_cl"):  # warm-up: other convolution kernels
-        run_variant(gen, pipe, prompts, seeds, kw, "sampler_fused_cl")
-    for _ in range(repeats):
-        for name, seconds in out.items():
-            call = partial(run_variant, gen, pipe, prompts, seeds, kw, name)
-            with memory_format(gen, name):
-                seconds.append(round(_timed(call, device)[1], 4))
-    return out
-
-
-def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[str, float]:
-    """torch.profiler over one call of each of `calls` (name -> function): per call, the wall time, the time
-    the device was busy (the sum of its kernels' self time) and the top operators, written to `path`.
-    Returns each call's busy fraction (0 on the CPU, where no device time is recorded)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    text, busy = [], {}
-    for name, fn in calls.items():
-        _sync(device)
-        with profile(activities=acts) as prof:
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            wall = time.perf_counter() - t
-        avg = prof.key_averages()
-        # kernels only: an operator's row repeats the time of the kernels it launched
-        dev_us = sum(e.self_device_time_total for e in avg if e.device_type != torch.autograd.DeviceType.CPU)
-        busy[name] = round(dev_us / 1e6 / wall, 3)
-        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-        text.append(f"== {name}: wall {wall:.3f} s, device busy {dev_us / 1e6:.3f} s ({busy[name]:.0%})\n"
-                    + avg.table(sort_by=key, row_limit=rows)
-                    + f"\n-- {name}, by host time (synchronisations and copies show here)\n"
-                    + avg.table(sort_by="self_cpu_time_total", row_limit=rows // 2))  # fmt: skip
-    path.write_text("\n\n".join(text))
-    return busy
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str) -> tuple[object, float]:
-    _sync(device)
-    t = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t
-
-
 def bench_family(family: str, args, log, res: dict | None = None, save=lambda: None) -> dict:
     """The figures of one family, filled into `res` stage by stage, `save()` called after each stage."""
     from common.config import load_config
@@ -306,7 +212,7 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     try:
-        info, t_upd = _timed(lambda: learner.train(batch), device)
+        info, t_upd = timed(lambda: learner.train(batch), device)
         res["update_s_per_sample"] = round(t_upd / len(batch), 3)
         res["logprob_mismatch"] = float(f"{info['logprob_mismatch']:.3g}")
     except torch.OutOfMemoryError:
@@ -317,13 +223,13 @@ def bench_family(family: str, args, log, res: dict | None = None, save=lambda: N
     res["update_settings"] = {"minibatch_size": a.minibatch_size, "max_unet_batch": a.max_unet_batch,
                               "timestep_chunk": a.timestep_chunk, "gradient_checkpointing": a.gradient_checkpointing}  # fmt: skip
     version, state = learner.weights()
-    _, t_sync = _timed(lambda: gen.set_weights(version, state), device)
+    _, t_sync = timed(lambda: gen.set_weights(version, state), device)
     res["lora_sync_ms"] = round(1000 * t_sync, 1)
     save()
     res["logprob_mismatch_after_update"] = {}
     # the sampler's variants on 4 samples (the learner's UNet stays contiguous and eager)
     for name in ("unfused", "fused", "fused_channels_last"):
-        with memory_format(gen, name.replace("channels_last", "cl")):
+        with variant_setting(gen, name.replace("channels_last", "cl")):
             res["logprob_mismatch_after_update"][name] = mismatch(gen, learner, prompts[:4], seeds[:4], name != "unfused")
         save()
     if args.compile:  # after the rest of the sampler's figures: compiling may take minutes (and before
@@ -356,7 +262,7 @@ def bench_compiled(gen, learner, ref, prompts, seeds, kw, args, res: dict, log, 
     t_comp, t_ref = min(times["sampler_fused_compiled"]), min(times["pipeline"])
     res["sampler_fused_compiled_img_s"] = round(args.batch / t_comp, 3)
     res["sampler_fused_compiled_vs_pipeline"] = round(t_ref / t_comp, 3)
-    with memory_format(gen, "sampler_fused_compiled"):
+    with variant_setting(gen, "sampler_fused_compiled"):
         res["logprob_mismatch_after_update"]["fused_compiled_whole_batch"] = mismatch(gen, learner, prompts, seeds, True)
     log(f"[{family}] compiled ({args.compile}): first call {res['compile_first_call_s']} s, then "
         f"{res['sampler_fused_compiled_img_s']} img/s, {res['sampler_fused_compiled_vs_pipeline']}x the pipeline")
@@ -405,7 +311,7 @@ def bench_alignprop(cfg, model, args, device: str) -> list[dict]:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         try:
-            _, dt = _timed(lambda: ap.train_prompts(prompts, list(range(len(prompts)))), device)
+            _, dt = timed(lambda: ap.train_prompts(prompts, list(range(len(prompts)))), device)
             row = {"k": k, "s_per_sample": round(dt / len(prompts), 3)}
         except torch.OutOfMemoryError:
             row = {"k": k, "s_per_sample": "out of memory"}
