@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from common.config_base import ConfigError, _Strict
 from common.config_algorithm import AlgorithmConfig, AlignPropConfig, StatTrackerConfig, window_steps  # noqa: F401
+from common.config_base import ConfigError, _Strict
 from common.config_exploration import CfgScheduleConfig, ExplorationConfig, PromptWeightingConfig  # noqa: F401
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -94,6 +94,15 @@ class SamplingConfig(_Strict):
         "layer instead of three; the base weights are swapped back after, not subtracted). Faster, and in "
         "float32 on-policy to ~1e-6; in bf16 the fused weights round differently from the learner's unfused "
         "forward, so check logprob_mismatch.",
+    )
+    tail_steps: int | None = Field(
+        None,
+        ge=1,
+        description="DDPO only: training rollouts take (and record) only the steps up to the end of "
+        "algorithm.timestep_window as configured, then finish each image from there in this many deterministic "
+        "DDIM jumps; the learner never sees the untrained steps, so it needs no log-probs of them. None: the "
+        "whole chain. Evaluation always samples the whole chain. bench/tail_check.py measures how well a coarse "
+        "tail scores a layout as the real chain would (docs/results.md).",
     )
 
 
@@ -258,6 +267,11 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"sampling.eta must be > 0 with algorithm.name={self.algorithm.name}: its update needs each "
                 "step's log-prob, which a deterministic DDIM step (eta 0) does not have; use eta 1 (DDPO's)"
+            )
+        if self.sampling.tail_steps and self.algorithm.name != "ddpo":
+            raise ValueError(
+                f"sampling.tail_steps is for algorithm.name=ddpo (got {self.algorithm.name}): only DDPO trains a "
+                "window of recorded steps and ignores the rest; remove sampling.tail_steps"
             )
         if self.algorithm.name == "alignprop" and self.replay.max_staleness:
             raise ValueError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from common.config import RunConfig
+from common.config_algorithm import window_steps
 from common.exploration import plan_rollout
 from common.pipelines import fused_lora, load_lora_state, load_policy, lora_checksum, lora_state
 from common.sampling import sample_rollout
@@ -35,6 +36,11 @@ class RolloutGenerator:
         if cfg.sampling.compile:
             self.model.sampling_unet = self.model.compiled_unet(cfg.sampling.compile, "sampling.compile")
         self.version = 0
+        # sampling.tail_steps: training rollouts stop recording where DDPO's trained window ends
+        self.head = None
+        if cfg.sampling.tail_steps:
+            a = cfg.algorithm
+            self.head = window_steps(cfg.sampling.num_steps, a.timestep_window, a.timestep_fraction)[0][-1] + 1
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> tuple[int, str]:
         """Load LoRA `state` as policy `version`; answer with the version and a checksum of what is now held."""
@@ -68,14 +74,17 @@ class RolloutGenerator:
             plans = [plan_rollout(p, sd, self.cfg.exploration, s.num_steps, s.guidance_scale, explore) for p, sd in zip(ps, ss)]
             cond = self.model.condition([p.weighted_prompt for p in plans])
             guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-            roll = sample_rollout(self.model, cond, self.model.negative(), guidance, ss, s.num_steps, s.eta)
+            head = self.head if explore else None
+            roll = sample_rollout(self.model, cond, self.model.negative(), guidance, ss, s.num_steps, s.eta,
+                                  head=head, tail_steps=s.tail_steps or 0)  # fmt: skip
             # quantised on the device: a quarter of the bytes cross to the host
-            images = self.model.decode(roll.latents[:, -1].to(self.model.device))
+            images = self.model.decode(roll.x0.to(self.model.device))
             images = (images * 255).round().to(torch.uint8).cpu()
             out.append(
                 TrajectoryBatch(
                     prompts=list(ps), plans=[p.to_json() for p in plans], latents=roll.latents,
-                    log_probs=roll.log_probs, timesteps=roll.timesteps, guidance=guidance, cond=cond,
+                    log_probs=roll.log_probs, timesteps=roll.timesteps, cond=cond,
+                    guidance=guidance[:, : roll.timesteps.shape[0]],  # the recorded steps'
                     images=images, policy_version=self.version, evaluation=not explore,
                 )
             )

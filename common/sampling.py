@@ -49,6 +49,7 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
+    prev_timestep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} with eta > 0 and its Gaussian log-prob.
 
@@ -58,9 +59,11 @@ def ddim_step_with_logprob(
     carries gradients to the model output (for reward backpropagation); the log-prob treats the sample
     as data.
     If prev_sample is None it is drawn as mean + std * noise (noise ~ N(0, I) required).
+    `prev_timestep` [B] (default: timestep - num_train_timesteps // num_steps; negative: the final alpha)
+    makes it a jump over several of the schedule's steps (the coarse deterministic tail, `sampling.tail_steps`).
     """
     ac = alphas_cumprod.to(sample.device, torch.float32)
-    prev_t = timestep - num_train_timesteps // num_steps
+    prev_t = timestep - num_train_timesteps // num_steps if prev_timestep is None else prev_timestep
     shape = (-1,) + (1,) * (sample.ndim - 1)
     a_t = ac[timestep].view(shape)
     a_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.full_like(prev_t, final_alpha_cumprod, dtype=ac.dtype))
@@ -121,6 +124,12 @@ class Rollout:
     latents: torch.Tensor  # [B, T+1, C, h, w], x_T first
     log_probs: torch.Tensor  # [B, T]
     timesteps: torch.Tensor  # [T]
+    final: torch.Tensor | None = None  # [B, C, h, w] x_0 when the recorded chain stops early (a coarse tail)
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """The finished latents [B, C, h, w]: the chain's last, or the coarse tail's result."""
+        return self.latents[:, -1] if self.final is None else self.final
 
 
 def initial_noise(seeds: list[int], num_steps: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -222,18 +231,74 @@ def sample_rollout(
     seeds: list[int],
     num_steps: int,
     eta: float,
+    head: int | None = None,
+    tail_steps: int = 0,
 ) -> Rollout:
-    """DDIM-sample B latents with per-sample, per-step guidance [B, T], recording the chain and log-probs."""
+    """DDIM-sample B latents with per-sample, per-step guidance [B, T], recording the chain and log-probs.
+
+    With `head` < T only the first `head` steps are taken (and recorded) as given; the image is then finished
+    from there by `coarse_tail` in `tail_steps` deterministic jumps, and the Rollout's `final` holds it. The
+    recorded steps are the same latents and log-probs as the full chain's first `head`.
+    """
     sch = model.scheduler
     ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
+    head = num_steps if head is None else head
+    if not 1 <= head <= num_steps:
+        raise ValueError(f"head={head} must be in [1, num_steps={num_steps}]")
+    if head < num_steps and tail_steps < 1:
+        raise ValueError(f"a chain cut after {head} of {num_steps} steps needs tail_steps >= 1")
     noise = rollout_noise(seeds, num_steps, model.latent_shape)
-    chain = _HostChain(noise.shape, model.device)
+    chain = _HostChain((noise.shape[0], head + 1, *noise.shape[2:]), model.device)
     chain.put(0, _noise_on(noise, 0, torch.device("cpu")))  # x_T
-    logps = []
+    logps, x = [], None
     for i, (x, lp) in enumerate(denoise(model, cond, uncond, guidance, noise, eta)):
         chain.put(i + 1, x)
         logps.append(lp)
-    return Rollout(chain.result(), torch.stack(logps, 1).cpu(), ts)
+        if i + 1 == head:
+            break
+    final = None
+    if head < num_steps:
+        final = coarse_tail(model, cond, uncond, guidance, x, ts, head, tail_steps).cpu()
+    return Rollout(chain.result(), torch.stack(logps, 1).cpu(), ts[:head], final)
+
+
+def tail_indices(num_steps: int, start: int, tail_steps: int) -> list[int]:
+    """Which of the schedule's steps start..num_steps-1 the coarse tail takes: `tail_steps` of them, evenly
+    spaced from `start` (each jumps to the next one taken, the last to x_0)."""
+    n = min(tail_steps, num_steps - start)
+    return [start + int((num_steps - start) * j / n + 0.5) for j in range(n)]
+
+
+@torch.no_grad()
+def coarse_tail(
+    model: DiffusionModel,
+    cond: Cond,
+    uncond: Cond,
+    guidance: torch.Tensor,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    start: int,
+    tail_steps: int,
+) -> torch.Tensor:
+    """Finish a chain from `x`, the latents before step `start` of the schedule `ts`, in `tail_steps`
+    deterministic DDIM jumps (eta 0) at each sample's own guidance for the step a jump starts from.
+    For DDPO on the layout steps only (`sampling.tail_steps`): the steps after the trained window need no
+    log-probs, so they are finished cheaply (as MixGRPO finishes the steps outside its SDE window with an ODE
+    solver); evaluation always samples the whole chain."""
+    sch = model.scheduler
+    device = model.device
+    cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
+    final, alphas = float(sch.final_alpha_cumprod), alphas_on(sch, device)
+    idx = tail_indices(len(ts), start, tail_steps)
+    for a, b in zip(idx, idx[1:] + [None]):
+        tt = torch.full((x.shape[0],), int(ts[a]), dtype=torch.long, device=device)
+        prev = torch.full_like(tt, -1 if b is None else int(ts[b]))
+        eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, a])
+        x, _ = ddim_step_with_logprob(
+            alphas, final, sch.config.num_train_timesteps, len(ts), eps, tt, x, 0.0,
+            noise=torch.zeros_like(x), prediction_type=sch.config.prediction_type, prev_timestep=prev,
+        )  # fmt: skip
+    return x
 
 
 class _HostChain:

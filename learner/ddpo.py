@@ -79,7 +79,14 @@ class DDPOLearner(LoRALearner):
             raise ValueError("DDPOLearner.train needs a scored batch (rewards is None)")
         adv, info = self.advantages(batch)
         b, t = batch.log_probs.shape
-        window, t_train = window_steps(t, a.timestep_window, a.timestep_fraction)
+        # over the configured chain: with sampling.tail_steps the rollouts record only its first steps
+        window, t_train = window_steps(self.cfg.sampling.num_steps, a.timestep_window, a.timestep_fraction)
+        if window[-1] >= t:
+            raise ValueError(
+                f"the batch records {t} steps but algorithm.timestep_window {list(a.timestep_window)} of "
+                f"sampling.num_steps={self.cfg.sampling.num_steps} trains up to step {window[-1] + 1}: the "
+                "rollouts were sampled with another sampling.num_steps or timestep_window"
+            )
         window_t = torch.tensor(window)
         unet = self.model.unet
         unet.train()

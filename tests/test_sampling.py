@@ -7,13 +7,16 @@ from common.exploration import plan_rollout
 from common.models.sd import StableDiffusion
 from common.sampling import (
     LazyNoise,
+    coarse_tail,
     ddim_step_with_logprob,
     ddim_timesteps,
     denoise,
+    guided_noise_pred,
     initial_noise,
     recompute_logprobs,
     rollout_noise,
     sample_rollout,
+    tail_indices,
 )
 
 
@@ -174,3 +177,54 @@ def test_chain_recorded_step_by_step_equals_the_stacked_chain(tiny_cfg, tiny_pip
     assert len(made) == 1 and made[0].host is roll.latents and not made[0].steps
     torch.testing.assert_close(roll.latents, ref.latents, rtol=0, atol=0)
     torch.testing.assert_close(roll.log_probs, ref.log_probs, rtol=0, atol=0)
+
+
+def test_tail_indices_spread_the_jumps_over_the_untrained_steps():
+    assert tail_indices(20, 6, 6) == [6, 8, 11, 13, 15, 18]
+    assert tail_indices(20, 6, 14) == list(range(6, 20))  # one jump a step: the schedule itself
+    assert tail_indices(20, 6, 50) == list(range(6, 20))  # never more jumps than steps left
+    assert tail_indices(20, 19, 3) == [19]
+
+
+def test_head_records_the_full_chains_first_steps_and_a_whole_tail_is_eta0_ddim(tiny_cfg, tiny_pipe):
+    """`sampling.tail_steps`: the recorded head is the full chain's first steps to the bit (so DDPO's log-probs
+    and the learner's recomputation are unchanged), and the coarse tail is deterministic DDIM: with one jump a
+    step it is the eta-0 chain step by step (diffusers' DDIM step)."""
+    model = StableDiffusion(tiny_pipe)
+    cond = model.condition([plan_rollout(p, 0, tiny_cfg.exploration, 6, 5.0, explore=False).weighted_prompt
+                            for p in ("a cat", "a dog")])  # fmt: skip
+    g = torch.tensor([[2.0, 2.0, 3.0, 5.0, 5.0, 5.0], [4.0] * 6])
+    full = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0)
+    cut = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0, head=2, tail_steps=2)
+    assert cut.latents.shape == (2, 3, 4, 8, 8) and cut.log_probs.shape == (2, 2) and cut.timesteps.shape == (2,)
+    torch.testing.assert_close(cut.latents, full.latents[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(cut.log_probs, full.log_probs[:, :2], rtol=0, atol=0)
+    assert torch.equal(full.x0, full.latents[:, -1]) and cut.x0.shape == (2, 4, 8, 8)
+    assert cut.final is not None and not torch.allclose(cut.x0, full.x0)
+    # the whole tail, one jump a step, is eta-0 DDIM from the head's latents
+    s = DDIMScheduler.from_config(model.scheduler.config)
+    s.set_timesteps(6)
+    assert s.timesteps.tolist() == full.timesteps.tolist()
+    x = cut.latents[:, -1]
+    with torch.no_grad():
+        ours = coarse_tail(model, cond, model.negative(), g, x, full.timesteps, 2, 4)
+        for i, t in enumerate(s.timesteps.tolist()[2:], start=2):
+            tt = torch.full((2,), t, dtype=torch.long)
+            eps = guided_noise_pred(model, x, tt, cond, model.negative(), g[:, i])
+            x = s.step(eps, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+    # reproducible from the seeds, like the full chain
+    two = sample_rollout(model, cond, model.negative(), g, [1, 2], 6, 1.0, head=2, tail_steps=2)
+    torch.testing.assert_close(two.x0, cut.x0, rtol=0, atol=0)
+
+
+def test_a_cut_chain_needs_a_tail(tiny_cfg, tiny_pipe):
+    import pytest
+
+    model = StableDiffusion(tiny_pipe)
+    cond = model.condition([plan_rollout("a cat", 0, tiny_cfg.exploration, 6, 5.0, explore=False).weighted_prompt])
+    g = torch.full((1, 6), 5.0)
+    with pytest.raises(ValueError, match="tail_steps"):
+        sample_rollout(model, cond, model.negative(), g, [1], 6, 1.0, head=3)
+    with pytest.raises(ValueError, match="head=7"):
+        sample_rollout(model, cond, model.negative(), g, [1], 6, 1.0, head=7, tail_steps=1)
