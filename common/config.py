@@ -102,7 +102,9 @@ class SamplingConfig(_Strict):
         "algorithm.timestep_window as configured, then finish each image from there in this many deterministic "
         "DDIM jumps; the learner never sees the untrained steps, so it needs no log-probs of them. None: the "
         "whole chain. Evaluation always samples the whole chain. bench/tail_check.py measures how well a coarse "
-        "tail scores a layout as the real chain would (docs/results.md).",
+        "tail scores a layout as the real chain would; check it on a moved policy too: on the Shapes recipe a "
+        "6-jump tail that agreed with the real one on the base model broke down once DDPO had moved the layout "
+        "steps, and the run learned nothing (docs/results.md, session 43).",
     )
 
 
