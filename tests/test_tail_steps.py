@@ -7,6 +7,7 @@ import torch
 
 from common.rollouts import RolloutGenerator
 from learner.ddpo import DDPOLearner
+from tests.test_fused_lora import _moved_learner  # a LoRA far from zero
 
 PROMPTS = ["a photo of a cat", "a photo of a dog"] * 4
 
@@ -18,18 +19,9 @@ def _cfg(tiny_cfg, tail: int | None):
     return cfg
 
 
-def _learner(cfg) -> DDPOLearner:
-    learner = DDPOLearner(cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in learner.params:
-            p.normal_(std=0.05)
-    return learner
-
-
 def test_cut_rollouts_record_the_window_and_give_the_whole_chains_update(tiny_cfg):
     full_cfg, cut_cfg = _cfg(tiny_cfg, None), _cfg(tiny_cfg, 2)
-    a, b = _learner(full_cfg), _learner(cut_cfg)
+    a, b = _moved_learner(full_cfg), _moved_learner(cut_cfg)
     full, cut = RolloutGenerator(full_cfg), RolloutGenerator(cut_cfg)
     full.set_weights(*a.weights())
     cut.set_weights(*b.weights())
@@ -50,7 +42,7 @@ def test_cut_rollouts_record_the_window_and_give_the_whole_chains_update(tiny_cf
     assert mb["logprob_mismatch"] < 1e-5 and abs(mb["ratio_mean"] - 1) < 1e-5
     sa, sb = a.weights()[1], b.weights()[1]
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-6  # the same update
-    assert any((sa[k] - _learner(full_cfg).weights()[1][k]).abs().max() > 0 for k in sa)  # and it moved
+    assert any((sa[k] - _moved_learner(full_cfg).weights()[1][k]).abs().max() > 0 for k in sa)  # and it moved
     assert ma["approx_kl"] == pytest.approx(mb["approx_kl"], abs=1e-9)
 
 
