@@ -19,75 +19,25 @@ per-image means compare with the first stage's base directly.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def merge_lora(run: Path, out: Path, checkpoint: str | None = None, tolerance: float = 1e-4, log=print) -> float:
     """Fuse `run`'s checkpoint (the last complete one, or checkpoints/`checkpoint`) into its base model, save it to
-    `out`, and return the fused UNet's largest relative output difference from the run's LoRA policy."""
-    from common.config import load_config
-    from common.pipelines import load_lora_state, load_pipeline, load_policy
-    from learner.run_dir import RunDir
+    `out`, and return the fused UNet's largest relative output difference from the run's LoRA policy
+    (learner.stages.merge_lora, which multi-stage runs use; a refusal here ends the script with its reason)."""
+    from common.config import ConfigError
+    from learner.run_dir import CheckpointError
+    from learner.stages import merge_lora as merge
 
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise SystemExit(f"{run}: not a run directory (no config.yaml)")
-    if out.exists():
-        raise SystemExit(f"{out} exists: give a new directory (nothing is overwritten)")
-    cfg = load_config(str(run / "config.yaml"))
-    rd = RunDir(run)
-    ckpts = rd.checkpoints()
-    if checkpoint is not None:
-        ckpts = [p for p in ckpts if p.name == checkpoint]
-    if not ckpts:
-        names = ", ".join(p.name for p in rd.checkpoints()) or "none"
-        raise SystemExit(f"{run}: no complete checkpoint {checkpoint or ''} (complete: {names})")
-    ckpt = ckpts[-1]
-    lora, learner_state, counters = rd.load_checkpoint(ckpt)
-
-    policy = load_policy(cfg.model, cfg.lora)  # what the learner held: base + LoRA in our keys
-    c = policy.unet.config
-    if getattr(c, "addition_embed_type", None) == "text_time":  # before the second load and the fuse
-        raise SystemExit("merge_lora: SDXL-shaped UNets are not supported yet (the check needs their added conditions)")
-    load_lora_state(policy.unet, lora)
-    pipe = load_pipeline(cfg.model)
-    pipe.load_lora_weights(str(ckpt))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-
-    g = torch.Generator().manual_seed(0)
-    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    x = torch.randn(4, c.in_channels, size, size, generator=g)
-    t = torch.tensor([999, 700, 300, 10])
-    cond = torch.randn(4, 8, c.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        want = policy.unet(x, t, encoder_hidden_states=cond).sample
-        got = pipe.unet(x, t, encoder_hidden_states=cond).sample
-    rel = float((got - want).abs().max() / want.abs().max())
-    log(f"{run} {ckpt.name} (reward queries {counters.get('reward_queries')}, version {learner_state['version']}): "
-        f"fused UNet vs LoRA policy, max relative difference {rel:.2e}")  # fmt: skip
-    if not rel <= tolerance:
-        raise SystemExit(f"fused UNet differs from the run's policy by {rel:.2e} > {tolerance:.0e}: nothing written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:  # everything into a temporary folder, renamed last: no half-written model directory
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "merged_from.json").write_text(json.dumps(
-            {"run": str(run), "checkpoint": ckpt.name, "base": cfg.model.pretrained,
-             "reward_queries": counters.get("reward_queries"), "max_relative_difference": rel}, indent=1))  # fmt: skip
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    try:
+        rel = merge(Path(run), Path(out), checkpoint=checkpoint, tolerance=tolerance, log=log)
+    except (CheckpointError, ConfigError) as err:
+        raise SystemExit(str(err)) from None
     log(f"wrote {out}: use --set model.pretrained={out}")
     return rel
 

@@ -41,18 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROTOCOL = ("prompts.eval", "eval.seed", "eval.images_per_prompt", "eval.max_prompts", "sampling.num_steps",
-            "sampling.guidance_scale", "sampling.eta", "sampling.resolution")  # fmt: skip
-
-
 PLOT_COLUMNS = ("full", "relation", "shapes", "extra", "held-out full")
-
-
-def _field(cfg, dotted: str):
-    v = cfg
-    for part in dotted.split("."):
-        v = getattr(v, part)
-    return v.model_dump() if hasattr(v, "model_dump") else v
 
 
 def paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
@@ -60,21 +49,18 @@ def paired_scores(first: Path, second: Path) -> dict[str, dict[str, tuple]]:
     both the same prompt and noise."""
     from common.config import load_config
     from learner.run_dir import RunDir
+    from learner.stages import protocol_difference
     from rewards.combined import WeightedReward
 
     c1, c2 = (load_config(str(Path(r) / "config.yaml")) for r in (first, second))
-    for f in PROTOCOL:
-        if _field(c1, f) != _field(c2, f):
-            raise SystemExit(f"{second}: {f} is {_field(c2, f)!r}, {first} has {_field(c1, f)!r}; "
-                             "the runs' evaluation images are not paired")  # fmt: skip
-    r1, r2 = (c.eval.reward or c.reward for c in (c1, c2))
-    if r1.model_dump()["terms"] != r2.model_dump()["terms"]:  # the batch size does not change a score
-        raise SystemExit(f"{second}: its evaluation reward differs from {first}'s; the scores do not compare")
+    diff = protocol_difference(c1, c2)
+    if diff:
+        raise SystemExit(f"{second}: {diff} as in {first}; the runs' evaluations are not paired")
     merged = Path(c2.model.pretrained) / "merged_from.json"
     if merged.is_file() and Path(json.loads(merged.read_text())["run"]).resolve() != Path(first).resolve():
         raise SystemExit(f"{second} starts from {c2.model.pretrained}, merged from "
                          f"{json.loads(merged.read_text())['run']}, not from {first}")  # fmt: skip
-    reward = WeightedReward(r2)
+    reward = WeightedReward(c2.eval.reward or c2.reward)
     first_run, second_run = RunDir(first), RunDir(second)
     out: dict[str, dict[str, tuple]] = {}
     sources = c2.prompts.eval or [c2.prompts.train]
@@ -115,11 +101,12 @@ def arm_difference(a: tuple[Path, Path], b: tuple[Path, Path], scored: dict | No
     base), its 95% CI over images, and n. `scored`: pairs' `paired_scores` already computed, by pair."""
     from common.config import load_config
     from learner.loop import mean_ci
+    from learner.stages import protocol_difference
 
     ca, cb = (load_config(str(Path(x[1]) / "config.yaml")) for x in (a, b))
-    for f in PROTOCOL:
-        if _field(ca, f) != _field(cb, f):
-            raise SystemExit(f"{b[1]}: {f} is {_field(cb, f)!r}, {a[1]} has {_field(ca, f)!r}; the arms are not paired")
+    diff = protocol_difference(ca, cb)
+    if diff:
+        raise SystemExit(f"{b[1]}: {diff} as in {a[1]}; the arms are not paired")
     scored = scored if scored is not None else {}
     sa, sb = (scored.get(x) or paired_scores(*x) for x in (a, b))
     out: dict[str, dict[str, dict[str, float]]] = {}

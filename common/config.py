@@ -227,6 +227,14 @@ class OutputConfig(_Strict):
     tensorboard: bool = Field(True, description="Also write TensorBoard events.")
 
 
+class StageConfig(_Strict):
+    config: str = Field(description="The stage's preset name or YAML path; it must not have stages of its own.")
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of that config, dotted key -> value as --set takes them, e.g. {train.epochs: 12}.",
+    )
+
+
 class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -240,6 +248,13 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="Further training stages after this run, in order (learner/stages.py): each starts from the "
+        "previous stage's final LoRA fused into its model and runs in <run>/stage<k>, with this run's train.seed "
+        "and cluster section. Its evaluation must be this run's (prompts, noise, steps, guidance, reward), so "
+        "every stage's eval_*_change columns are paired changes from this run's base model.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

@@ -25,7 +25,6 @@ from common.config import (
     validate_config,
 )
 
-
 # the default run: the pretrained Shapes model visibly improves within minutes on 2 CPU cores (docs/results.md)
 DEFAULT_PRESET = "shapes_quick"
 
@@ -65,8 +64,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
     return cfg, Path(out), False
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Check names, files and the model before any actor starts (raises with a one-line message)."""
+def preflight(cfg: RunConfig, check_model: bool = True) -> None:
+    """Check names, files and the model before any actor starts (raises with a one-line message).
+    `check_model=False`: not the model (a later stage's, which the stage before it writes)."""
     from common.pipelines import resolve_model_path
     from common.prompts import load_prompts
     from rewards import check_reward
@@ -88,7 +88,8 @@ def preflight(cfg: RunConfig) -> None:
                 f"{'is' if len(bad) == 1 else 'are'} not differentiable; differentiable rewards: "
                 f"{', '.join(differentiable_rewards())}"
             )
-    resolve_model_path(cfg.model)
+    if check_model:
+        resolve_model_path(cfg.model)
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -141,16 +142,42 @@ def make_system(cfg: RunConfig, run_id: str | None = None):
 
 
 def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
-    """Train `cfg` into `run_path` on its backend (cluster.backend); returns the metric rows.
+    """Train `cfg` into `run_path` on its backend (cluster.backend), then its `stages` (learner/stages.py), each
+    in its own directory under `run_path`; returns the metric rows (a later stage's with its `stage` number).
+    Every stage's config is checked before the first trains. A finished run resumed goes on to its stages."""
+    from learner.run_dir import RunDir
+    from learner.stages import is_complete, run_stages, stage_configs
+
+    preflight(cfg)
+    for stage in stage_configs(cfg, run_path):
+        preflight(stage, check_model=False)
+    if resume and cfg.stages and is_complete(run_path, cfg):
+        log(f"{run_path} has finished; going on to its stages")
+        rows = RunDir(run_path).read_metrics()
+    else:
+        rows = train_stage(cfg, run_path, resume, log=log)
+    if cfg.stages:
+        rows += run_stages(cfg, run_path, lambda c, p, r, base: train_stage(c, p, r, base, log=log), log=log)
+    return rows
+
+
+def train_stage(cfg: RunConfig, run_path: Path, resume: bool, eval_base_from: Path | None = None,
+                log=print) -> list[dict]:  # fmt: skip
+    """Train one run (or stage) into `run_path`; returns its metric rows. `eval_base_from`: a run directory whose
+    base evaluation this one's evaluations are paired with (a later stage's: the first stage's).
 
     If the learner dies (BackendLost), the actors are started again and the run continues from its last
     complete checkpoint, up to cluster.max_restarts times; then it stops with one line naming --resume."""
     from learner.loop import BackendLost, Trainer
     from learner.run_dir import RunDir
+    from learner.stages import copy_eval_base
 
-    preflight(cfg)
+    if eval_base_from is not None:
+        preflight(cfg)  # the model now exists
     run_dir = RunDir(run_path)
     run_dir.create(cfg, resume=resume)
+    if eval_base_from is not None and not resume:
+        copy_eval_base(eval_base_from, run_path)
     d = cfg.derived()
     log(f"run {run_path} | model {cfg.model.pretrained} | backend {cfg.cluster.backend} | "
         + " ".join(f"{k}={v}" for k, v in d.items()))  # fmt: skip

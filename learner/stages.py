@@ -1,0 +1,215 @@
+"""Multi-stage runs: further training stages after a run, each from the previous stage's policy fused into its model.
+
+A config's `stages:` list names what to train after the run itself finishes, e.g. the two-stage Shapes recipe
+(DDPO moves the layout, then AlignProp repairs the objects; docs/results.md):
+
+    python -m learner.main --config shapes_two_stage            # stages: [{config: shapes_order}]
+
+    runs/<name>/                 stage 1: the run itself (config.yaml keeps the stages, for --resume)
+    runs/<name>/stage2-model/    stage 1's final LoRA fused into its model (`merge_lora`, checked, atomic)
+    runs/<name>/stage2/          stage 2: the stage's preset and overrides, model.pretrained = stage2-model,
+                                 with the run's train.seed, cluster and output sections
+
+Every stage evaluates with the run's own protocol (prompts, noise, steps, guidance, reward; `protocol_difference`
+refuses a stage that does not, naming the field), and its run directory starts with a copy of the run's base
+evaluation, so its `eval_*_change` columns are paired changes from the original model, image by image, not
+from the previous stage. The previous stage's final evaluation already measured the policy a stage starts
+from, so a stage skips its evaluation at the start. `--resume <run>` continues wherever it stopped: a finished
+stage is skipped, a fused model that exists is used, an unfinished stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, RunConfig, apply_override, read_config_source, validate_config
+
+# what makes two runs' evaluation images the same prompts and noise, and their scores comparable
+PROTOCOL = ("prompts.eval", "eval.seed", "eval.images_per_prompt", "eval.max_prompts", "sampling.num_steps",
+            "sampling.guidance_scale", "sampling.eta", "sampling.resolution")  # fmt: skip
+
+
+def _field(cfg, dotted: str):
+    v = cfg
+    for part in dotted.split("."):
+        v = getattr(v, part)
+    return v.model_dump() if hasattr(v, "model_dump") else v
+
+
+def protocol_difference(first: RunConfig, second: RunConfig) -> str | None:
+    """None if the two configs evaluate on the same images with the same reward; else the first difference,
+    as 'field is X, not Y' (second's value, then first's)."""
+    for f in PROTOCOL:
+        if _field(first, f) != _field(second, f):
+            return f"{f} is {_field(second, f)!r}, not {_field(first, f)!r}"
+    r1, r2 = (c.eval.reward or c.reward for c in (first, second))
+    if r1.model_dump()["terms"] != r2.model_dump()["terms"]:  # the batch size does not change a score
+        t1, t2 = r1.model_dump()["terms"], r2.model_dump()["terms"]
+        return f"the evaluation reward (eval.reward, or reward) is {t2}, not {t1}"
+    return None
+
+
+def stage_paths(run_path: Path, k: int) -> tuple[Path, Path]:
+    """(stage k's run directory, the fused model it starts from); stage 1 is the run itself."""
+    return run_path / f"stage{k}", run_path / f"stage{k}-model"
+
+
+def stage_configs(cfg: RunConfig, run_path: Path) -> list[RunConfig]:
+    """The resolved config of each of cfg.stages (stage 2, 3, ...), checked before anything trains: its own preset
+    and overrides, then the run's train.seed, cluster and output sections, the fused model and its directory."""
+    out = []
+    for k, spec in enumerate(cfg.stages, start=2):
+        where = f"stages[{k - 2}] ({spec.config})"
+        try:
+            data = read_config_source(spec.config)
+            for key, value in spec.set.items():
+                apply_override(data, f"{key}={json.dumps(value)}")
+            data.get("train", {}).pop("seed", None)
+            stage = validate_config(data)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if stage.stages:
+            raise ConfigError(f"{where}: a stage cannot have stages of its own; list them all in the run's stages")
+        diff = protocol_difference(cfg, stage)
+        if diff:
+            raise ConfigError(
+                f"{where}: {diff}; every stage evaluates on the run's images so that its changes pair with the "
+                "base model's: set it to the run's value"
+            )
+        stage_dir, model_dir = stage_paths(run_path, k)
+        at_start = stage.eval.at_start and cfg.eval.every == 0  # else the previous stage's final eval measured it
+        stage = stage.model_copy(
+            update={
+                "model": stage.model.model_copy(update={"pretrained": str(model_dir)}),
+                "train": stage.train.model_copy(update={"seed": cfg.train.seed}),
+                "eval": stage.eval.model_copy(update={"at_start": at_start}),
+                "cluster": cfg.cluster.model_copy(),
+                "output": cfg.output.model_copy(update={"dir": str(stage_dir)}),
+            }
+        )
+        out.append(validate_config(stage.model_dump()))
+    return out
+
+
+def is_complete(run_path: Path, cfg: RunConfig) -> bool:
+    """Whether the run in `run_path` has finished: its final evaluation is logged (or, without evaluation, its
+    last checkpoint is the last epoch's)."""
+    from learner.run_dir import RunDir
+
+    rd = RunDir(run_path)
+    if cfg.eval.every > 0:
+        return any(r.get("final_eval") for r in rd.read_metrics())
+    last = rd.latest_checkpoint()
+    return last is not None and last.name == f"step_{cfg.train.epochs}"
+
+
+def copy_eval_base(src_run: Path, dst_run: Path) -> int:
+    """Copy the base model's evaluation scores and images (samples/eval_base_*) of `src_run` into `dst_run`;
+    returns how many files."""
+    n = 0
+    (dst_run / "samples").mkdir(parents=True, exist_ok=True)
+    for f in sorted((src_run / "samples").glob("eval_base_*")):
+        shutil.copy2(f, dst_run / "samples" / f.name)
+        n += 1
+    return n
+
+
+def merge_lora(run: Path, out: Path, checkpoint: str | None = None, tolerance: float = 1e-4, log=print) -> float:
+    """Fuse `run`'s checkpoint (the last complete one, or checkpoints/`checkpoint`) into its base model, save it to
+    `out` (atomically), and return the fused UNet's largest relative output difference from the run's LoRA policy.
+    Raises CheckpointError if `out` exists, there is no such checkpoint, or the difference exceeds `tolerance`
+    (then nothing is written)."""
+    from common.config import load_config
+    from common.pipelines import load_lora_state, load_pipeline, load_policy
+    from learner.run_dir import CheckpointError, RunDir
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"{run}: not a run directory (no config.yaml)")
+    if out.exists():
+        raise CheckpointError(f"{out} exists: give a new directory (nothing is overwritten)")
+    cfg = load_config(str(run / "config.yaml"))
+    rd = RunDir(run)
+    ckpts = rd.checkpoints()
+    if checkpoint is not None:
+        ckpts = [p for p in ckpts if p.name == checkpoint]
+    if not ckpts:
+        names = ", ".join(p.name for p in rd.checkpoints()) or "none"
+        raise CheckpointError(f"{run}: no complete checkpoint {checkpoint or ''} (complete: {names})")
+    ckpt = ckpts[-1]
+    lora, learner_state, counters = rd.load_checkpoint(ckpt)
+
+    policy = load_policy(cfg.model, cfg.lora)  # what the learner held: base + LoRA in our keys
+    c = policy.unet.config
+    if getattr(c, "addition_embed_type", None) == "text_time":  # before the second load and the fuse
+        raise ConfigError(
+            "merge_lora: SDXL-shaped UNets are not supported yet (the check needs their added conditions)"
+        )
+    load_lora_state(policy.unet, lora)
+    pipe = load_pipeline(cfg.model)
+    pipe.load_lora_weights(str(ckpt))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+    g = torch.Generator().manual_seed(0)
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    x = torch.randn(4, c.in_channels, size, size, generator=g)
+    t = torch.tensor([999, 700, 300, 10])
+    cond = torch.randn(4, 8, c.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = policy.unet(x, t, encoder_hidden_states=cond).sample
+        got = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    rel = float((got - want).abs().max() / want.abs().max())
+    log(f"{run} {ckpt.name} (reward queries {counters.get('reward_queries')}, version {learner_state['version']}): "
+        f"fused UNet vs LoRA policy, max relative difference {rel:.2e}")  # fmt: skip
+    if not rel <= tolerance:
+        raise CheckpointError(
+            f"fused UNet differs from the run's policy by {rel:.2e} > {tolerance:.0e}: nothing written"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:  # everything into a temporary folder, renamed last: no half-written model directory
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "merged_from.json").write_text(json.dumps(
+            {"run": str(run), "checkpoint": ckpt.name, "base": cfg.model.pretrained,
+             "reward_queries": counters.get("reward_queries"), "max_relative_difference": rel}, indent=1))  # fmt: skip
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rel
+
+
+def run_stages(cfg: RunConfig, run_path: Path, train, log=print) -> list[dict]:
+    """Train cfg.stages after the run in `run_path` has finished; `train(stage_cfg, stage_dir, resume,
+    eval_base_from)` trains one stage (learner.main's). Returns the stages' metric rows, each with its `stage`."""
+    from learner.run_dir import RunDir
+
+    rows = []
+    prev = run_path
+    for k, scfg in enumerate(stage_configs(cfg, run_path), start=2):
+        stage_dir, model_dir = stage_paths(run_path, k)
+        if is_complete(stage_dir, scfg):
+            log(f"stage {k}: {stage_dir} has finished; skipped")
+            stage_rows = RunDir(stage_dir).read_metrics()
+        else:
+            if not (model_dir / "merged_from.json").is_file():  # written last: its presence means complete
+                rel = merge_lora(prev, model_dir, log=log)
+                log(f"stage {k}: {prev.name}'s final policy fused into {model_dir} (reproduced to {rel:.1e} relative)")
+            resume = (stage_dir / "config.yaml").is_file() and RunDir(stage_dir).latest_checkpoint() is not None
+            log(f"stage {k} of {len(cfg.stages) + 1}: {cfg.stages[k - 2].config} from {model_dir}"
+                + (" (resumed)" if resume else ""))  # fmt: skip
+            stage_rows = train(scfg, stage_dir, resume, run_path)
+        rows += [{**r, "stage": k} for r in stage_rows]
+        prev = stage_dir
+    final = next((r for r in reversed(rows) if r.get("final_eval")), None)
+    if final is not None and "eval_reward_change_mean" in final:
+        log(f"after {len(cfg.stages) + 1} stages: evaluation reward {final['eval_reward_mean']:.4f}, "
+            f"{final['eval_reward_change_mean']:+.4f} +- {final['eval_reward_change_ci95']:.4f} (95% CI) from the "
+            "base model, paired image by image")  # fmt: skip
+    return rows
