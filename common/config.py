@@ -211,6 +211,11 @@ class EvalConfig(_Strict):
     at_start: bool = Field(
         True, description="Evaluate before the first update (studies skip it for runs that share one base model)."
     )
+    final: bool = Field(
+        True,
+        description="Evaluate after the last epoch (with every > 0). A multi-stage run's first stages can skip it: "
+        "the last stage's final evaluation is paired with the base, and each skipped one saves its images' time.",
+    )
     images_per_prompt: int = Field(2, ge=1, description="Evaluation images per evaluation prompt.")
     max_prompts: int = Field(8, ge=1, description="At most this many evaluation prompts (the first ones).")
     seed: int = Field(12345, description="Fixed seed of evaluation noise, the same for every evaluation.")

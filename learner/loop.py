@@ -260,7 +260,7 @@ class Trainer:
             self.log(self._progress(row))
             if cfg.output.grid_every and self.epoch % cfg.output.grid_every == 0:
                 self.run.plot_reward_curve()
-        if cfg.eval.every > 0:
+        if cfg.eval.every > 0 and cfg.eval.final:
             self.sys.sync_weights()
             final = {"epoch": self.epoch, "reward_queries": self.reward_queries, "final_eval": True,
                      **self.evaluate(f"epoch_{self.epoch:04d}_final", keep_images=True)}  # fmt: skip

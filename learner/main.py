@@ -181,7 +181,10 @@ def train_stage(cfg: RunConfig, run_path: Path, resume: bool, eval_base_from: Pa
     d = cfg.derived()
     log(f"run {run_path} | model {cfg.model.pretrained} | backend {cfg.cluster.backend} | "
         + " ".join(f"{k}={v}" for k, v in d.items()))  # fmt: skip
-    run_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(run_path).resolve().name)
+    name = Path(run_path).resolve().name
+    if eval_base_from is not None:  # a later stage: <run>-stage<k>, not one name for every run's stage 2
+        name = f"{Path(eval_base_from).resolve().name}-{name}"
+    run_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
     lost = 0
     try:
         while True:

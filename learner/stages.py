@@ -82,7 +82,8 @@ def stage_configs(cfg: RunConfig, run_path: Path) -> list[RunConfig]:
                 "base model's: set it to the run's value"
             )
         stage_dir, model_dir = stage_paths(run_path, k)
-        at_start = stage.eval.at_start and cfg.eval.every == 0  # else the previous stage's final eval measured it
+        # the previous stage's final evaluation measured the policy a stage starts from (or was skipped on purpose)
+        at_start = stage.eval.at_start and cfg.eval.every == 0
         stage = stage.model_copy(
             update={
                 "model": stage.model.model_copy(update={"pretrained": str(model_dir)}),
@@ -102,7 +103,7 @@ def is_complete(run_path: Path, cfg: RunConfig) -> bool:
     from learner.run_dir import RunDir
 
     rd = RunDir(run_path)
-    if cfg.eval.every > 0:
+    if cfg.eval.every > 0 and cfg.eval.final:
         return any(r.get("final_eval") for r in rd.read_metrics())
     last = rd.latest_checkpoint()
     return last is not None and last.name == f"step_{cfg.train.epochs}"
@@ -207,9 +208,64 @@ def run_stages(cfg: RunConfig, run_path: Path, train, log=print) -> list[dict]:
             stage_rows = train(scfg, stage_dir, resume, run_path)
         rows += [{**r, "stage": k} for r in stage_rows]
         prev = stage_dir
+    plot_stages([RunDir(run_path).read_metrics()] + [[r for r in rows if r["stage"] == k]
+                                                     for k in range(2, len(cfg.stages) + 2)], run_path / "stages.png")
     final = next((r for r in reversed(rows) if r.get("final_eval")), None)
     if final is not None and "eval_reward_change_mean" in final:
         log(f"after {len(cfg.stages) + 1} stages: evaluation reward {final['eval_reward_mean']:.4f}, "
             f"{final['eval_reward_change_mean']:+.4f} +- {final['eval_reward_change_ci95']:.4f} (95% CI) from the "
             "base model, paired image by image")  # fmt: skip
     return rows
+
+
+def plot_stages(stage_rows: list[list[dict]], path: Path) -> Path | None:
+    """Each evaluation set's paired change from the base model (reward and, for Shapes, full success) against
+    the reward queries of all stages so far, with 95% CIs and a line where each stage begins; `stage_rows`:
+    each stage's metric rows in order. Returns the PNG's path, or None when nothing was evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    offset, starts = 0, []
+    for rows in stage_rows:
+        starts.append(offset)
+        for r in rows:
+            for key, mean in r.items():
+                if not (key.startswith("eval_") and key.endswith("_change_mean")):
+                    continue
+                name = key[len("eval_"): -len("_change_mean")]
+                for metric in ("shapes_full", "reward"):
+                    if name == metric or name.endswith("_" + metric):  # the headline (first set), or a set's
+                        q = offset + r.get("eval_reward_queries", r.get("reward_queries", 0))
+                        label = name[: -len(metric) - 1] or "evaluation"
+                        points.setdefault((metric, label), []).append(
+                            (q, mean, r.get(key.replace("_mean", "_ci95"), 0.0)))
+        offset += max((r.get("reward_queries", 0) for r in rows), default=0)
+    for metric in ("shapes_full", "reward"):  # with several sets the headline repeats the first: drop it
+        if (metric, "evaluation") in points and sum(k[0] == metric for k in points) > 1:
+            del points[(metric, "evaluation")]
+    if not points:
+        return None
+    metrics = [m for m in ("shapes_full", "reward") if any(k[0] == m for k in points)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=100, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for (m, name), pts in sorted(points.items()):
+            if m != metric:
+                continue
+            x, y, ci = zip(*([(0, 0.0, 0.0)] + sorted(pts)))
+            ax.errorbar(x, y, yerr=ci, marker="o", capsize=3, label=name)
+        for k, start in enumerate(starts[1:], start=2):
+            ax.axvline(start, color="grey", ls="--", lw=1)
+            ax.text(start, ax.get_ylim()[1], f" stage {k}", va="top", fontsize=8, color="grey")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xlabel("reward queries, all stages")
+        ax.set_ylabel(f"{'full success' if metric == 'shapes_full' else 'reward'}: change from the base model")
+        ax.set_title("paired with the base model's images; 95% CI over images", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

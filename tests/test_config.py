@@ -130,3 +130,20 @@ def test_shapes_order_ddpo_preset_is_the_measured_first_stage():
          "train.epochs=14", "eval.every=14", "train.checkpoint_every=14"] + SAME_RESULT_DDPO,
     )  # fmt: skip
     assert load_config("shapes_order_ddpo") == measured
+
+
+def test_shapes_two_stage_preset_is_the_measured_one_run_recipe():
+    """`shapes_two_stage` must stay the one-run recipe docs/results.md measured (session 44): `shapes_order_ddpo`
+    with 6 samples a prompt a step and an 8-jump deterministic tail, then `shapes_order` as its second stage; the
+    evaluations skipped (after stage 1, halfway through stage 2) change no training image (their noise is fixed)."""
+    from common.config import StageConfig
+
+    measured = load_config(
+        "shapes_order_ddpo",
+        ["train.samples_per_epoch=360", "algorithm.minibatch_size=12", "algorithm.gradient_accumulation=30",
+         "algorithm.stat_tracking.buffer_size=6", "algorithm.stat_tracking.min_count=6", "sampling.tail_steps=8",
+         "eval.final=false"],
+    )  # fmt: skip
+    cfg = load_config("shapes_two_stage")
+    assert cfg.stages == [StageConfig(config="shapes_order", set={"eval.every": 24})]  # evaluated at its end only
+    assert cfg.model_copy(update={"stages": []}) == measured

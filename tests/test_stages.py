@@ -79,6 +79,7 @@ def test_two_stages_pair_every_evaluation_with_the_original_base_and_resume(tmp_
     assert torch.equal(s1["reward"], s2["reward"])
     assert end2["eval_reward_mean"] != end1["eval_reward_mean"]  # stage 2 trained
     assert any("after 2 stages: evaluation reward" in line for line in logs)
+    assert (tmp_path / "run" / "stages.png").is_file()  # the changes over both stages' queries
 
     # resuming the finished run trains nothing; with stage 2's directory gone, it runs stage 2 again from the
     # fused model that exists (not merged twice) and ends where it ended
@@ -91,3 +92,19 @@ def test_two_stages_pair_every_evaluation_with_the_original_base_and_resume(tmp_
     assert not any("fused into" in line for line in logs) and any("going on to its stages" in line for line in logs)
     again = next(r for r in RunDir(tmp_path / "run" / "stage2").read_metrics() if r.get("final_eval"))
     assert again["eval_reward_mean"] == pytest.approx(end2["eval_reward_mean"], abs=1e-6)
+
+
+def test_a_first_stage_without_its_final_evaluation(tmp_path):
+    """eval.final=false: stage 1 evaluates only the base, stage 2 only at its end, still paired with the base."""
+    from learner.stages import is_complete
+
+    cfg = _cfg([{"config": "tiny", "set": STAGE}], ["eval.final=false"])
+    run(cfg, tmp_path / "run", resume=False, log=lambda *_: None)
+    first, second = RunDir(tmp_path / "run"), RunDir(tmp_path / "run" / "stage2")
+    assert [r["epoch"] for r in first.read_metrics() if "eval_reward_mean" in r] == [0]
+    assert is_complete(tmp_path / "run", cfg)
+    (end,) = [r for r in second.read_metrics() if "eval_reward_mean" in r]
+    base = next(r for r in first.read_metrics() if "eval_reward_mean" in r)
+    assert end["final_eval"]
+    diff = end["eval_reward_mean"] - base["eval_reward_mean"]
+    assert end["eval_reward_change_mean"] == pytest.approx(diff, abs=1e-5)
