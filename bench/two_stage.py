@@ -1,6 +1,10 @@
 """A two-stage fine-tune per seed: stage 1, its LoRA fused into a new model, stage 2 from that model, and what
 both stages together gained over the original base, paired image by image and summarised over seeds.
 
+One run can do the same by itself (a config's `stages:`, learner/stages.py; `--config shapes_two_stage`); this
+script runs each stage as its own run, with per-stage overrides (`--first-set`, `--second-set`), for studies
+whose arms differ in one stage.
+
 The Shapes recipe that raises full success most (docs/results.md, "Large-batch DDPO moves the order"): DDPO
 with one 480-sample step an epoch moves the relation order (`shapes_order_ddpo`), then AlignProp repairs the
 objects (`shapes_order`). For each seed S, under OUT:
