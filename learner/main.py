@@ -149,7 +149,8 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     from learner.stages import is_complete, run_stages, stage_configs
 
     preflight(cfg)
-    for stage in stage_configs(cfg, run_path):
+    stages = stage_configs(cfg, run_path)  # once, before anything trains: a preset edited meanwhile changes nothing
+    for stage in stages:
         preflight(stage, check_model=False)
     if resume and cfg.stages and is_complete(run_path, cfg):
         log(f"{run_path} has finished; going on to its stages")
@@ -157,7 +158,7 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     else:
         rows = train_stage(cfg, run_path, resume, log=log)
     if cfg.stages:
-        rows += run_stages(cfg, run_path, lambda c, p, r, base: train_stage(c, p, r, base, log=log), log=log)
+        rows += run_stages(cfg, run_path, stages, lambda c, p, r, base: train_stage(c, p, r, base, log=log), log=log)
     return rows
 
 

@@ -47,9 +47,8 @@ def protocol_difference(first: RunConfig, second: RunConfig) -> str | None:
     for f in PROTOCOL:
         if _field(first, f) != _field(second, f):
             return f"{f} is {_field(second, f)!r}, not {_field(first, f)!r}"
-    r1, r2 = (c.eval.reward or c.reward for c in (first, second))
-    if r1.model_dump()["terms"] != r2.model_dump()["terms"]:  # the batch size does not change a score
-        t1, t2 = r1.model_dump()["terms"], r2.model_dump()["terms"]
+    t1, t2 = ((c.eval.reward or c.reward).model_dump()["terms"] for c in (first, second))
+    if t1 != t2:  # the batch size does not change a score
         return f"the evaluation reward (eval.reward, or reward) is {t2}, not {t1}"
     return None
 
@@ -186,14 +185,15 @@ def merge_lora(run: Path, out: Path, checkpoint: str | None = None, tolerance: f
     return rel
 
 
-def run_stages(cfg: RunConfig, run_path: Path, train, log=print) -> list[dict]:
-    """Train cfg.stages after the run in `run_path` has finished; `train(stage_cfg, stage_dir, resume,
-    eval_base_from)` trains one stage (learner.main's). Returns the stages' metric rows, each with its `stage`."""
+def run_stages(cfg: RunConfig, run_path: Path, stages: list[RunConfig], train, log=print) -> list[dict]:
+    """Train `stages` (`stage_configs(cfg, run_path)`, resolved before the run began) after the run in `run_path`
+    has finished; `train(stage_cfg, stage_dir, resume, eval_base_from)` trains one stage (learner.main's).
+    Returns the stages' metric rows, each with its `stage`."""
     from learner.run_dir import RunDir
 
     rows = []
     prev = run_path
-    for k, scfg in enumerate(stage_configs(cfg, run_path), start=2):
+    for k, scfg in enumerate(stages, start=2):
         stage_dir, model_dir = stage_paths(run_path, k)
         if is_complete(stage_dir, scfg):
             log(f"stage {k}: {stage_dir} has finished; skipped")
