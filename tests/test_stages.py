@@ -108,3 +108,36 @@ def test_a_first_stage_without_its_final_evaluation(tmp_path):
     assert end["final_eval"]
     diff = end["eval_reward_mean"] - base["eval_reward_mean"]
     assert end["eval_reward_change_mean"] == pytest.approx(diff, abs=1e-5)
+
+
+def test_stages_on_ray_are_the_local_backends_computation(ray_session, tmp_path, monkeypatch):
+    """The Ray backend runs stages through the same path: with one sampler and one thread everywhere (the same
+    kernels on the same batches), both stages end with the local backend's weights and evaluations; stage 2's
+    queues are named after its run (<run>-stage2), not shared by every run's stage 2."""
+    import learner.main
+
+    run_ids, make_system = [], learner.main.make_system
+    monkeypatch.setattr(learner.main, "make_system", lambda cfg, run_id=None: run_ids.append(run_id)
+                        or make_system(cfg, run_id))  # fmt: skip
+    one = {"train.epochs": 1, "eval.every": 1, "train.checkpoint_every": 1}
+    sets = ["train.epochs=1", "eval.every=1", "train.checkpoint_every=1", "cluster.num_samplers=1",
+            "cluster.local_torch_threads=1", "cluster.sampler.torch_threads=1", "cluster.learner.torch_threads=1",
+            "cluster.num_reward_actors=0", "cluster.local_dashboard=false"]  # fmt: skip
+    stages = [{"config": "tiny", "set": {**STAGE, **one}}]
+    ends = {}
+    for backend in ("local", "ray"):
+        cfg = _cfg(stages, [*sets, f"cluster.backend={backend}"])
+        rows = run(cfg, tmp_path / backend, resume=False, log=lambda *_: None)
+        ends[backend] = [r for r in rows if r.get("final_eval")]
+        assert [r.get("stage") for r in ends[backend]] == [None, 2]
+    for a, b in zip(ends["local"], ends["ray"], strict=True):
+        assert b["eval_reward_mean"] == pytest.approx(a["eval_reward_mean"], abs=1e-6)
+        assert b["eval_reward_change_mean"] == pytest.approx(a["eval_reward_change_mean"], abs=1e-6)
+    lora = {}
+    for backend in ("local", "ray"):
+        stage2 = RunDir(tmp_path / backend / "stage2")
+        lora[backend], _, counters = stage2.load_checkpoint(stage2.latest_checkpoint())
+        assert counters["reward_queries"] == 8
+    for k in lora["local"]:
+        torch.testing.assert_close(lora["ray"][k], lora["local"][k], atol=1e-6, rtol=1e-5)
+    assert run_ids == ["local", "local-stage2", "ray", "ray-stage2"]
