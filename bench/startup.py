@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def main() -> None:
         for name, make in systems.items():
             for epochs in (args.short, args.long):
                 out = args.work / f"{name.replace(', ', '-').replace(' ', '')}-{epochs}-{r}"
+                shutil.rmtree(out, ignore_errors=True)  # a new run refuses a directory that holds one
                 cmd, env, cwd = make(epochs, out)
                 dt = timed(cmd, env, cwd)
                 times[name][epochs].append(dt)

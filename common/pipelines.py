@@ -131,6 +131,7 @@ BUILTIN_BUILDERS = {"tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl_pi
 def _atomic_save(pipe, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    _quiet_libraries()  # no "Writing model shards" bar before a run's first line
     pipe.save_pretrained(tmp, safe_serialization=True)
     try:
         tmp.rename(target)
@@ -165,6 +166,17 @@ def resolve_model_path(cfg: ModelConfig) -> str:
             )
         return str(path)
     return name
+
+
+def check_model_resolution(source: str, resolution) -> None:
+    """The check of `sampling.resolution` that loading the model makes, from a local model's config files alone
+    (before a run directory exists); a hub id is checked when it loads."""
+    from common.models.base import check_resolution
+
+    configs = [Path(source) / part / "config.json" for part in ("unet", "vae")]
+    if resolution is None or not all(c.is_file() for c in configs):
+        return
+    check_resolution(resolution, *(json.loads(c.read_text()) for c in configs))
 
 
 def pipeline_class_name(source: str, revision: str | None = None) -> str:

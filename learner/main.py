@@ -67,7 +67,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
 def preflight(cfg: RunConfig, check_model: bool = True) -> None:
     """Check names, files and the model before any actor starts (raises with a one-line message).
     `check_model=False`: not the model (a later stage's, which the stage before it writes)."""
-    from common.pipelines import resolve_model_path
+    from common.pipelines import check_model_resolution, resolve_model_path
     from common.prompts import load_prompts
     from rewards import check_reward
 
@@ -89,7 +89,7 @@ def preflight(cfg: RunConfig, check_model: bool = True) -> None:
                 f"{', '.join(differentiable_rewards())}"
             )
     if check_model:
-        resolve_model_path(cfg.model)
+        check_model_resolution(resolve_model_path(cfg.model), cfg.sampling.resolution)
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -141,6 +141,20 @@ def make_system(cfg: RunConfig, run_id: str | None = None):
     return RaySystem(cfg, run_id=run_id)
 
 
+def check_new_run_path(run_path: Path) -> None:
+    """A new run goes where no run is: one there would lose its metrics, and its checkpoints would mix with the
+    new run's (a later --resume would take the newest step of either)."""
+    path = Path(run_path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run directory {path} (--output or output.dir) is a file; give a directory")
+    held = [n for n in ("config.yaml", "metrics.jsonl", "checkpoints") if (path / n).exists()]
+    if held:
+        raise ConfigError(
+            f"run directory {path} (--output or output.dir) holds a run already ({', '.join(held)}): continue it "
+            f"with --resume {path}, or give a new directory"
+        )
+
+
 def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     """Train `cfg` into `run_path` on its backend (cluster.backend), then its `stages` (learner/stages.py), each
     in its own directory under `run_path`; returns the metric rows (a later stage's with its `stage` number).
@@ -148,6 +162,8 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     from learner.run_dir import RunDir
     from learner.stages import is_complete, run_stages, stage_configs
 
+    if not resume:
+        check_new_run_path(run_path)
     preflight(cfg)
     stages = stage_configs(cfg, run_path)  # once, before anything trains: a preset edited meanwhile changes nothing
     for stage in stages:

@@ -20,6 +20,8 @@ def _run(capsys, *argv):
         (["--set", "reward.terms=[{name: aesthetc}]"], "unknown reward 'aesthetc'; known rewards: "),
         (["--set", "model.pretrained=/no/such/model"], "model.pretrained='/no/such/model': no such directory"),
         (["--set", "lora.rank=0"], "config field lora.rank"),
+        (["--config", "tiny", "--set", "sampling.resolution=60"],
+         "sampling.resolution=60: this model needs multiples of 16 (VAE x8, UNet x2); its native size is 64x64"),
     ],
 )
 def test_bad_input_gives_one_line(capsys, tmp_path, argv, expected):
@@ -57,3 +59,25 @@ def test_help_lists_presets(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "presets: " in out and "tiny" in out
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(capsys, tmp_path):
+    """--output naming an earlier run's directory (or a file) stops before anything is written: the earlier
+    run's metrics and checkpoints stay as they were."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_4").mkdir(parents=True)
+    (run / "config.yaml").write_text("x: 1\n")
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    code, err = _run(capsys, "--config", "tiny", "--output", str(run))
+    assert code == 1 and err == (
+        f"error: run directory {run} (--output or output.dir) holds a run already (config.yaml, metrics.jsonl, "
+        f"checkpoints): continue it with --resume {run}, or give a new directory"
+    )
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    (tmp_path / "file").write_text("")
+    code, err = _run(capsys, "--config", "tiny", "--output", str(tmp_path / "file"))
+    assert code == 1 and err.endswith("(--output or output.dir) is a file; give a directory")
+    (tmp_path / "empty").mkdir()  # an empty directory is a new one
+    code, err = _run(capsys, "--config", "tiny", "--set", "train.epochs=0", "--output", str(tmp_path / "empty"))
+    assert "holds a run" not in err

@@ -50,6 +50,29 @@ def cond_to(cond: Cond, device, dtype: torch.dtype | None = None) -> Cond:
     return {k: v.to(device, dtype) if dtype is not None else v.to(device) for k, v in cond.items()}
 
 
+def check_resolution(resolution, unet_config, vae_config) -> tuple[int, int]:
+    """(height, width) of `resolution` (None: the model's native size) for a UNet and VAE with these configs
+    (the loaded modules' `.config` or the dicts of their config.json); one line naming the field otherwise."""
+
+    def get(c, key):
+        return c[key] if isinstance(c, dict) else getattr(c, key)
+
+    vae = 2 ** (len(get(vae_config, "block_out_channels")) - 1)
+    s = get(unet_config, "sample_size")
+    native = (s * vae, s * vae) if isinstance(s, int) else (s[0] * vae, s[1] * vae)
+    if resolution is None:
+        return native
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    # the VAE halves the size per block; each UNet down block but the last halves the latent again
+    step = vae * 2 ** (len(get(unet_config, "block_out_channels")) - 1)
+    if h <= 0 or w <= 0 or h % step or w % step:
+        raise ModelLoadError(
+            f"sampling.resolution={resolution}: this model needs multiples of {step} "
+            f"(VAE x{vae}, UNet x{step // vae}); its native size is {native[0]}x{native[1]}"
+        )
+    return h, w
+
+
 class DiffusionModel(ABC):
     """A loaded pipeline seen through the interface the algorithms use (see the module docstring)."""
 
@@ -131,18 +154,7 @@ class DiffusionModel(ABC):
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
     def _check_resolution(self, resolution) -> tuple[int, int]:
-        if resolution is None:
-            return self.default_resolution
-        h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        # the VAE halves the size per block; each UNet down block but the last halves the latent again
-        step = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if h <= 0 or w <= 0 or h % step or w % step:
-            raise ModelLoadError(
-                f"sampling.resolution={resolution}: this model needs multiples of {step} "
-                f"(VAE x{self.vae_scale_factor}, UNet x{step // self.vae_scale_factor}); "
-                f"its native size is {self.default_resolution[0]}x{self.default_resolution[1]}"
-            )
-        return h, w
+        return check_resolution(resolution, self.unet.config, self.vae.config)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
