@@ -46,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# what a checkpoint's LoRA and optimizer state were trained for: a resumed run cannot change them
+RESUME_FIXED = ("model.pretrained", "model.revision", "model.tiny_seed", "lora", "algorithm.name", "sampling.resolution")
+
+
+def check_resume_overrides(before: RunConfig, after: RunConfig, run_path: Path) -> None:
+    """One line naming the first field of RESUME_FIXED that --set changed on --resume (before config.yaml is
+    rewritten: a refused resume leaves the run as it was)."""
+    from learner.stages import _field
+
+    for key in RESUME_FIXED:
+        old, new = _field(before, key), _field(after, key)
+        if old != new:
+            if isinstance(old, dict):  # name the sub-field
+                key, old, new = next((f"{key}.{k}", old[k], new.get(k)) for k in old if old[k] != new.get(k))
+            raise ConfigError(
+                f"--resume {run_path}: {key} is {old!r} in that run, not {new!r}; its checkpoints were trained "
+                "for it. Start a new run (--output) or train a stage from it (`stages`)"
+            )
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
     """The validated config, the run directory, and whether this resumes."""
     if args.resume:
@@ -55,9 +75,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
                 f"--resume {run_path}: no config.yaml there; give the directory of an earlier run"
             )
         data = read_config_source(str(run_path / "config.yaml"))
+        before = validate_config(data)
         for o in args.overrides:
             apply_override(data, o)
         cfg = validate_config(data)
+        check_resume_overrides(before, cfg, run_path)
         return cfg, run_path, True
     cfg = load_config(args.config, args.overrides)
     out = args.output or cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"

@@ -81,3 +81,25 @@ def test_a_new_run_never_overwrites_an_earlier_one(capsys, tmp_path):
     (tmp_path / "empty").mkdir()  # an empty directory is a new one
     code, err = _run(capsys, "--config", "tiny", "--set", "train.epochs=0", "--output", str(tmp_path / "empty"))
     assert "holds a run" not in err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("lora.rank=8", "lora.rank is 4 in that run, not 8"),
+        ("model.pretrained=shapes-base", "model.pretrained is 'tiny' in that run, not 'shapes-base'"),
+        ("algorithm.name=rwr", "algorithm.name is 'ddpo' in that run, not 'rwr'"),
+    ],
+)
+def test_a_resume_cannot_change_what_its_checkpoints_were_trained_for(capsys, tmp_path, override, expected):
+    """--resume with --set of the model, the LoRA or the algorithm stops in one line, and the run's config.yaml
+    is left as it was (before, it was rewritten first, so every later resume failed too)."""
+    from common.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config("tiny", ["lora.rank=4"])))
+    before = (run / "config.yaml").read_text()
+    code, err = _run(capsys, "--resume", str(run), "--set", override)
+    assert code == 1 and err.startswith(f"error: --resume {run}: {expected}; its checkpoints were trained for it")
+    assert len(err.splitlines()) == 1 and (run / "config.yaml").read_text() == before
