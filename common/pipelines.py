@@ -185,10 +185,11 @@ def pipeline_class_name(source: str, revision: str | None = None) -> str:
     try:
         if local.is_file():
             return str(json.loads(local.read_text())["_class_name"])
-        from diffusers import DiffusionPipeline
+        from huggingface_hub import hf_hub_download  # not diffusers: the Ray driver checks this and builds no model
 
-        return str(DiffusionPipeline.load_config(source, revision=revision)["_class_name"])
-    except (OSError, KeyError, ValueError) as err:
+        return str(json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())[
+            "_class_name"])  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - missing, unreachable, gated or malformed: one line each way
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: download it first or give a local path)" if offline else ""
         first = str(err).splitlines()[0] if str(err) else repr(err)

@@ -89,7 +89,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
 def preflight(cfg: RunConfig, check_model: bool = True) -> None:
     """Check names, files and the model before any actor starts (raises with a one-line message).
     `check_model=False`: not the model (a later stage's, which the stage before it writes)."""
-    from common.pipelines import check_model_resolution, resolve_model_path
+    from common.models import model_class
+    from common.pipelines import check_model_resolution, pipeline_class_name, resolve_model_path
     from common.prompts import load_prompts
     from rewards import check_reward
 
@@ -111,7 +112,11 @@ def preflight(cfg: RunConfig, check_model: bool = True) -> None:
                 f"{', '.join(differentiable_rewards())}"
             )
     if check_model:
-        check_model_resolution(resolve_model_path(cfg.model), cfg.sampling.resolution)
+        source = resolve_model_path(cfg.model)
+        # the pipeline class, read from model_index.json (a hub id's is fetched, or found in the hub cache): an
+        # unreachable or unsupported model stops here, not in every actor's start
+        model_class(pipeline_class_name(source, cfg.model.revision))
+        check_model_resolution(source, cfg.sampling.resolution)
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -253,8 +258,11 @@ def _one_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None)  # RayTaskError wraps the actor's exception
     if isinstance(cause, BaseException):
         err = cause
-    text = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-    return f"error: {text}"
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if getattr(err, "_actor_init_failed", False) and lines:  # an actor's __init__ raised: its traceback's last
+        last = lines[-1].strip()  # line is "module.Error: message"
+        return f"error: {last.split(': ', 1)[1] if ': ' in last else last}"
+    return f"error: {lines[0] if lines else err.__class__.__name__}"
 
 
 def main(argv: list[str] | None = None) -> int:

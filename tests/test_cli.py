@@ -20,6 +20,8 @@ def _run(capsys, *argv):
         (["--set", "reward.terms=[{name: aesthetc}]"], "unknown reward 'aesthetc'; known rewards: "),
         (["--set", "model.pretrained=/no/such/model"], "model.pretrained='/no/such/model': no such directory"),
         (["--set", "lora.rank=0"], "config field lora.rank"),
+        (["--set", "model.pretrained=no-such-org/no-such-model"],  # a hub id, offline: before any actor starts
+         "model.pretrained='no-such-org/no-such-model': no readable model_index.json (HF_HUB_OFFLINE=1 is set"),
         (["--config", "tiny", "--set", "sampling.resolution=60"],
          "sampling.resolution=60: this model needs multiples of 16 (VAE x8, UNet x2); its native size is 64x64"),
     ],
@@ -103,3 +105,18 @@ def test_a_resume_cannot_change_what_its_checkpoints_were_trained_for(capsys, tm
     code, err = _run(capsys, "--resume", str(run), "--set", override)
     assert code == 1 and err.startswith(f"error: --resume {run}: {expected}; its checkpoints were trained for it")
     assert len(err.splitlines()) == 1 and (run / "config.yaml").read_text() == before
+
+
+def test_an_actor_that_fails_to_start_is_reported_by_its_own_error():
+    """Ray reports an actor whose __init__ raised as "The actor died because of an error raised in its creation
+    task, <traceback>": the one line is the actor's error, not that header."""
+    import ray.exceptions
+
+    from learner.main import _one_line
+
+    err = ray.exceptions.RayActorError(
+        None, "The actor died because of an error raised in its creation task, ray::SamplerActor.__init__()\n"
+        '  File "common/pipelines.py", line 195\n'
+        "common.models.base.ModelLoadError: model.pretrained='m': no readable model_index.json", True)  # fmt: skip
+    assert _one_line(err) == "error: model.pretrained='m': no readable model_index.json"
+    assert _one_line(ValueError("first line\nsecond")) == "error: first line"
