@@ -284,18 +284,38 @@ def apply_override(data: dict, dotted: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p!r} is not a section")
-    node[parts[-1]] = _parse_scalar(raw)
+    value = _parse_scalar(raw)
+    glued = _glued_key(value)
+    if glued:
+        raise ConfigError(
+            f"--set {key}: YAML reads {{{glued}}} as one key {glued!r} with no value; put a space after the colon "
+            f"({{{glued.replace(':', ': ', 1)}}})"
+        )
+    node[parts[-1]] = value
+
+
+def _glued_key(value: Any) -> str | None:
+    """A mapping key like 'name:aesthetic' with no value, anywhere in `value`: YAML's reading of {name:aesthetic}."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and ":" in k and v is None:
+                return k
+            if found := _glued_key(v):
+                return found
+    if isinstance(value, list):
+        return next((found for v in value if (found := _glued_key(v))), None)
+    return None
 
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    loc = ".".join(str(x) for x in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"config field {loc}: unknown field (check the spelling; `--help` lists the sections)"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"config field {loc}: {msg}{shown}"
+    return f"config field {loc}: {msg}{shown}" if loc else f"config: {msg}"  # no loc: a check across sections
 
 
 def validate_config(data: dict) -> RunConfig:

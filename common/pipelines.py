@@ -185,7 +185,8 @@ def pipeline_class_name(source: str, revision: str | None = None) -> str:
     try:
         if local.is_file():
             return str(json.loads(local.read_text())["_class_name"])
-        from huggingface_hub import hf_hub_download  # not diffusers: the Ray driver checks this and builds no model
+        # huggingface_hub, not diffusers: the Ray driver checks this and builds no model
+        from huggingface_hub import hf_hub_download
 
         return str(json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())[
             "_class_name"])  # fmt: skip

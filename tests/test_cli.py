@@ -20,6 +20,11 @@ def _run(capsys, *argv):
         (["--set", "reward.terms=[{name: aesthetc}]"], "unknown reward 'aesthetc'; known rewards: "),
         (["--set", "model.pretrained=/no/such/model"], "model.pretrained='/no/such/model': no such directory"),
         (["--set", "lora.rank=0"], "config field lora.rank"),
+        (["--set", "reward.terms=[{name:aesthetic}]"], ("--set reward.terms: YAML reads {name:aesthetic} as one "
+                                                         "key 'name:aesthetic' with no value; put a space after the "
+                                                         "colon ({name: aesthetic})")),
+        (["--config", "tiny", "--set", "train.samples_per_epoch=10"],
+         "error: config: train.samples_per_epoch (10) must be a multiple of algorithm.minibatch_size (8)"),
         (["--set", "model.pretrained=no-such-org/no-such-model"],  # a hub id, offline: before any actor starts
          "model.pretrained='no-such-org/no-such-model': no readable model_index.json (HF_HUB_OFFLINE=1 is set"),
         (["--config", "tiny", "--set", "sampling.resolution=60"],
