@@ -125,3 +125,10 @@ def test_an_actor_that_fails_to_start_is_reported_by_its_own_error():
         "common.models.base.ModelLoadError: model.pretrained='m': no readable model_index.json", True)  # fmt: skip
     assert _one_line(err) == "error: model.pretrained='m': no readable model_index.json"
     assert _one_line(ValueError("first line\nsecond")) == "error: first line"
+
+
+def test_a_config_file_that_is_not_yaml_names_its_line(capsys, tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("train:\n  epochs: 2\n   x: [\n")
+    code, err = _run(capsys, "--config", str(bad), "--output", str(tmp_path / "run"))
+    assert code == 1 and err == f"error: config file {bad}: not valid YAML at line 3, column 5: mapping values are not allowed here"
