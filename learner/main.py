@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"presets: {', '.join(preset_names())}. Example: python -m learner.main --config tiny "
         "--set train.epochs=5 --set exploration.enabled=false",
     )
-    p.add_argument("--config", default=DEFAULT_PRESET,
+    p.add_argument("--config", default=None,
                    help=f"preset name or YAML path (default: {DEFAULT_PRESET}, AlignProp on the Shapes testbed)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set algorithm.learning_rate=1e-3 (repeatable)")  # fmt: skip
@@ -81,7 +81,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
         cfg = validate_config(data)
         check_resume_overrides(before, cfg, run_path)
         return cfg, run_path, True
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     out = args.output or cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg, Path(out), False
 
@@ -269,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.resume and args.output:
         print("error: give either --output or --resume, not both", file=sys.stderr)
+        return 2
+    if args.resume and args.config:
+        print(f"error: --resume {args.resume} continues with that run's config.yaml, so --config {args.config} would "
+              "be ignored: change fields with --set, or start a new run with --config", file=sys.stderr)  # fmt: skip
         return 2
     try:
         cfg, run_path, resume = resolve_config(args)  # imports no torch yet

@@ -56,6 +56,12 @@ def test_model_dir_without_model_index(capsys, tmp_path):
     assert code == 1 and "has no model_index.json" in err
 
 
+def test_resume_with_a_config_is_refused_not_ignored(capsys, tmp_path):
+    code, err = _run(capsys, "--resume", str(tmp_path), "--config", "tiny")
+    assert code == 2 and err == (f"error: --resume {tmp_path} continues with that run's config.yaml, so --config tiny "
+                                 "would be ignored: change fields with --set, or start a new run with --config")
+
+
 def test_resume_needs_a_run_dir(capsys, tmp_path):
     code, err = _run(capsys, "--resume", str(tmp_path))
     assert code == 1 and "no config.yaml there" in err
