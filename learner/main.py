@@ -111,12 +111,35 @@ def preflight(cfg: RunConfig, check_model: bool = True) -> None:
                 f"{'is' if len(bad) == 1 else 'are'} not differentiable; differentiable rewards: "
                 f"{', '.join(differentiable_rewards())}"
             )
+    if cfg.cluster.backend == "ray":
+        check_ray_address(cfg)
     if check_model:
         source = resolve_model_path(cfg.model)
         # the pipeline class, read from model_index.json (a hub id's is fetched, or found in the hub cache): an
         # unreachable or unsupported model stops here, not in every actor's start
         model_class(pipeline_class_name(source, cfg.model.revision))
         check_model_resolution(source, cfg.sampling.resolution)
+
+
+def check_ray_address(cfg: RunConfig, timeout_s: float = 5.0) -> None:
+    """One line if the Ray cluster named by cluster.address (or RAY_ADDRESS) does not answer: ray.init would
+    otherwise retry for minutes."""
+    import re
+    import socket
+
+    name, address = ("cluster.address", cfg.cluster.address) if cfg.cluster.address else (
+        "RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))  # fmt: skip
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address or "")  # not 'auto', 'local' or a URL path
+    if not m:
+        return
+    host, port = m.group(1), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(
+            f"{name}={address}: nothing answers at {host}:{port} ({err.strerror or err}); start the head there "
+            "(`ray start --head`) or fix the address"
+        ) from None
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -157,15 +180,21 @@ def make_system(cfg: RunConfig, run_id: str | None = None):
         from learner.local import LocalSystem
 
         return LocalSystem(cfg)
-    import ray
-
     from learner.driver import RaySystem
+
+    start_ray(cfg)
+    return RaySystem(cfg, run_id=run_id)
+
+
+def start_ray(cfg: RunConfig) -> None:
+    """Join the cluster of cluster.address / RAY_ADDRESS, or start a local Ray and check that it has the CPUs
+    and GPUs the actors ask for (once: a Ray already started is left as it is)."""
+    import ray
 
     local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     init_ray(cfg)
     if local:  # a cluster may still be scaling up: there, cluster.start_timeout_s bounds the wait instead
         check_resources(cfg, ray.cluster_resources())
-    return RaySystem(cfg, run_id=run_id)
 
 
 def check_new_run_path(run_path: Path) -> None:
@@ -195,6 +224,8 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     stages = stage_configs(cfg, run_path)  # once, before anything trains: a preset edited meanwhile changes nothing
     for stage in stages:
         preflight(stage, check_model=False)
+    if cfg.cluster.backend == "ray":
+        start_ray(cfg)  # before the run directory is written: an unreachable or too small cluster leaves nothing
     if resume and cfg.stages and is_complete(run_path, cfg):
         log(f"{run_path} has finished; going on to its stages")
         rows = RunDir(run_path).read_metrics()

@@ -27,6 +27,8 @@ def _run(capsys, *argv):
          "error: config: train.samples_per_epoch (10) must be a multiple of algorithm.minibatch_size (8)"),
         (["--set", "model.pretrained=no-such-org/no-such-model"],  # a hub id, offline: before any actor starts
          "model.pretrained='no-such-org/no-such-model': no readable model_index.json (HF_HUB_OFFLINE=1 is set"),
+        (["--config", "tiny", "--set", "cluster.address=127.0.0.1:1"],  # ray.init would retry for minutes
+         "cluster.address=127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused); start the head there"),
         (["--config", "tiny", "--set", "sampling.resolution=60"],
          "sampling.resolution=60: this model needs multiples of 16 (VAE x8, UNet x2); its native size is 64x64"),
     ],
