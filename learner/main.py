@@ -203,6 +203,9 @@ def check_new_run_path(run_path: Path) -> None:
     path = Path(run_path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run directory {path} (--output or output.dir) is a file; give a directory")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"run directory {path} (--output or output.dir): {above} is a file; give a directory")
     held = [n for n in ("config.yaml", "metrics.jsonl", "checkpoints") if (path / n).exists()]
     if held:
         raise ConfigError(
@@ -250,7 +253,12 @@ def train_stage(cfg: RunConfig, run_path: Path, resume: bool, eval_base_from: Pa
     if eval_base_from is not None:
         preflight(cfg)  # the model now exists
     run_dir = RunDir(run_path)
-    run_dir.create(cfg, resume=resume)
+    try:
+        run_dir.create(cfg, resume=resume)
+    except OSError as err:
+        raise ConfigError(
+            f"run directory {run_path} (--output or output.dir): cannot write there ({err.strerror}: {err.filename})"
+        ) from None
     if eval_base_from is not None and not resume:
         copy_eval_base(eval_base_from, run_path)
     d = cfg.derived()

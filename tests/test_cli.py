@@ -93,6 +93,9 @@ def test_a_new_run_never_overwrites_an_earlier_one(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     code, err = _run(capsys, "--config", "tiny", "--output", str(tmp_path / "file"))
     assert code == 1 and err.endswith("(--output or output.dir) is a file; give a directory")
+    code, err = _run(capsys, "--config", "tiny", "--output", str(tmp_path / "file" / "run"))
+    assert code == 1 and err == (f"error: run directory {tmp_path / 'file' / 'run'} (--output or output.dir): "
+                                 f"{tmp_path / 'file'} is a file; give a directory")
     (tmp_path / "empty").mkdir()  # an empty directory is a new one
     code, err = _run(capsys, "--config", "tiny", "--set", "train.epochs=0", "--output", str(tmp_path / "empty"))
     assert "holds a run" not in err
