@@ -273,6 +273,14 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def config_value(cfg: RunConfig, dotted: str) -> Any:
+    """The value of a dotted field of `cfg` (a section as a plain dict), e.g. config_value(cfg, "lora.rank")."""
+    v = cfg
+    for part in dotted.split("."):
+        v = getattr(v, part)
+    return v.model_dump() if hasattr(v, "model_dump") else v
+
+
 def apply_override(data: dict, dotted: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to nested dict `data` in place."""
     if "=" not in dotted:

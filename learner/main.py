@@ -19,6 +19,7 @@ from common.config import (
     ConfigError,
     RunConfig,
     apply_override,
+    config_value,
     load_config,
     preset_names,
     read_config_source,
@@ -47,16 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # what a checkpoint's LoRA and optimizer state were trained for: a resumed run cannot change them
-RESUME_FIXED = ("model.pretrained", "model.revision", "model.tiny_seed", "lora", "algorithm.name", "sampling.resolution")
+RESUME_FIXED = ("model.pretrained", "model.revision", "model.tiny_seed", "lora", "algorithm.name",
+                "sampling.resolution")
 
 
 def check_resume_overrides(before: RunConfig, after: RunConfig, run_path: Path) -> None:
     """One line naming the first field of RESUME_FIXED that --set changed on --resume (before config.yaml is
     rewritten: a refused resume leaves the run as it was)."""
-    from learner.stages import _field
-
     for key in RESUME_FIXED:
-        old, new = _field(before, key), _field(after, key)
+        old, new = config_value(before, key), config_value(after, key)
         if old != new:
             if isinstance(old, dict):  # name the sub-field
                 key, old, new = next((f"{key}.{k}", old[k], new.get(k)) for k in old if old[k] != new.get(k))

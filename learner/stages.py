@@ -27,26 +27,26 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, RunConfig, apply_override, read_config_source, validate_config
+from common.config import (
+    ConfigError,
+    RunConfig,
+    apply_override,
+    config_value,
+    read_config_source,
+    validate_config,
+)
 
 # what makes two runs' evaluation images the same prompts and noise, and their scores comparable
 PROTOCOL = ("prompts.eval", "eval.seed", "eval.images_per_prompt", "eval.max_prompts", "sampling.num_steps",
             "sampling.guidance_scale", "sampling.eta", "sampling.resolution")  # fmt: skip
 
 
-def _field(cfg, dotted: str):
-    v = cfg
-    for part in dotted.split("."):
-        v = getattr(v, part)
-    return v.model_dump() if hasattr(v, "model_dump") else v
-
-
 def protocol_difference(first: RunConfig, second: RunConfig) -> str | None:
     """None if the two configs evaluate on the same images with the same reward; else the first difference,
     as 'field is X, not Y' (second's value, then first's)."""
     for f in PROTOCOL:
-        if _field(first, f) != _field(second, f):
-            return f"{f} is {_field(second, f)!r}, not {_field(first, f)!r}"
+        if config_value(first, f) != config_value(second, f):
+            return f"{f} is {config_value(second, f)!r}, not {config_value(first, f)!r}"
     t1, t2 = ((c.eval.reward or c.reward).model_dump()["terms"] for c in (first, second))
     if t1 != t2:  # the batch size does not change a score
         return f"the evaluation reward (eval.reward, or reward) is {t2}, not {t1}"

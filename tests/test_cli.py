@@ -142,4 +142,5 @@ def test_a_config_file_that_is_not_yaml_names_its_line(capsys, tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_text("train:\n  epochs: 2\n   x: [\n")
     code, err = _run(capsys, "--config", str(bad), "--output", str(tmp_path / "run"))
-    assert code == 1 and err == f"error: config file {bad}: not valid YAML at line 3, column 5: mapping values are not allowed here"
+    assert code == 1 and err == (f"error: config file {bad}: not valid YAML at line 3, column 5: mapping values are "
+                                 "not allowed here")

@@ -147,12 +147,6 @@ class DiffusionModel(ABC):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def default_resolution(self) -> tuple[int, int]:
-        s = self.unet.config.sample_size
-        h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return h * self.vae_scale_factor, w * self.vae_scale_factor
-
     def _check_resolution(self, resolution) -> tuple[int, int]:
         return check_resolution(resolution, self.unet.config, self.vae.config)
 
