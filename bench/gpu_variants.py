@@ -73,10 +73,41 @@ def timed_variants(gen, pipe, prompts, seeds, kw, repeats: int, device: str, nam
     return out
 
 
+# CUPTI's overhead records (CUpti_ActivityOverheadKind) arrive among the device events but are not device work:
+# "Command Buffer Full", for one, is the host waiting for room in the launch queue (0.58 s of a fused SD1.5 call on
+# the H200, which the busy figure of 2026-12-04 counted as kernel time)
+CUPTI_OVERHEAD = frozenset({"Unknown", "Driver Compiler", "Buffer Flush", "Instrumentation", "Resource",
+                            "Runtime Triggered Module Loading", "Lazy Function Loading", "Command Buffer Full",
+                            "Activity Buffer Request", "UVM Activity Init"})  # fmt: skip
+
+
+def device_busy_us(events) -> tuple[float, float]:
+    """(busy, overhead) in microseconds over profiler `events` (`prof.events()`): busy is the union of the device
+    events' intervals (kernels, copies, memsets; overlapping streams count once), overhead the total of CUPTI's
+    overhead records, which are left out of busy."""
+    spans, overhead = [], 0.0
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            continue
+        if e.name in CUPTI_OVERHEAD:
+            overhead += e.time_range.end - e.time_range.start
+        else:
+            spans.append((e.time_range.start, e.time_range.end))
+    busy, start, end = 0.0, None, None
+    for s, t in sorted(spans):
+        if end is None or s > end:  # a gap: close the interval so far
+            busy += 0.0 if end is None else end - start
+            start, end = s, t
+        else:
+            end = max(end, t)
+    return busy + (0.0 if end is None else end - start), overhead
+
+
 def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[str, float]:
     """torch.profiler over one call of each of `calls` (name -> function): per call, the wall time, the time
-    the device was busy (the sum of its kernels' self time) and the top operators, written to `path`.
-    Returns each call's busy fraction (0 on the CPU, where no device time is recorded)."""
+    the device was busy (`device_busy_us`: the union of its kernels' and copies' intervals) and the top
+    operators, written to `path`. Returns each call's busy fraction (0 on the CPU, where no device time is
+    recorded)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -88,12 +119,13 @@ def profile_calls(calls: dict, device: str, path: Path, rows: int = 25) -> dict[
             fn()
             sync(device)
             wall = time.perf_counter() - t
-        avg = prof.key_averages()
-        # kernels only: an operator's row repeats the time of the kernels it launched
-        dev_us = sum(e.self_device_time_total for e in avg if e.device_type != torch.autograd.DeviceType.CPU)
+        dev_us, overhead_us = device_busy_us(prof.events())
         busy[name] = round(dev_us / 1e6 / wall, 3)
+        avg = prof.key_averages()
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-        text.append(f"== {name}: wall {wall:.3f} s, device busy {dev_us / 1e6:.3f} s ({busy[name]:.0%})\n"
+        # the table's "Self CUDA time total" sums every device row, CUPTI's overhead records among them
+        text.append(f"== {name}: wall {wall:.3f} s, device busy {dev_us / 1e6:.3f} s ({busy[name]:.0%}), "
+                    f"CUPTI overhead records {overhead_us / 1e6:.3f} s (not device work)\n"
                     + avg.table(sort_by=key, row_limit=rows)
                     + f"\n-- {name}, by host time (synchronisations and copies show here)\n"
                     + avg.table(sort_by="self_cpu_time_total", row_limit=rows // 2))  # fmt: skip

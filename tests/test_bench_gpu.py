@@ -43,3 +43,29 @@ def test_gpu_bench_small_runs_both_families_without_ray(tmp_path):
         text = (tmp_path / f"prof_{r['family']}.txt").read_text()
         assert text.count("== ") == 2 and "== sampler (fused): wall" in text and "== pipeline: wall" in text
         assert "aten::" in text and r["device_busy_fraction"] == {"sampler (fused)": 0.0, "pipeline": 0.0}
+
+
+def test_device_busy_is_the_union_of_device_intervals_without_cupti_overhead():
+    """The busy figure of --profile: overlapping kernels (two streams) count once, gaps not at all, host events
+    and CUPTI's overhead records ("Command Buffer Full": the host waiting for room in the launch queue) never."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    from torch.autograd import DeviceType
+
+    from bench.gpu_variants import device_busy_us
+
+    def ev(name, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        ev("aten::conv2d", 0, 100, DeviceType.CPU),  # the host's op: not device time
+        ev("conv_kernel", 10, 30),
+        ev("Memcpy DtoH (Device -> Pinned)", 20, 40),  # overlaps the kernel on another stream
+        ev("gemm", 40, 50),  # touches the interval before: still one
+        ev("Command Buffer Full", 50, 90),  # CUPTI overhead, not device work
+        ev("gelu", 70, 75),
+        ev("norm", 72, 80),
+    ]
+    assert device_busy_us(events) == (40 + 10, 40)  # [10, 50] and [70, 80]
+    assert device_busy_us([ev("aten::mm", 0, 5, DeviceType.CPU)]) == (0.0, 0.0)
