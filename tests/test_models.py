@@ -58,6 +58,31 @@ def test_sd_conditioning_equals_the_pipelines_own(tiny_pipe):
     torch.testing.assert_close(model.negative()["prompt_embeds"], npe[:1], atol=1e-6, rtol=1e-6)
 
 
+
+def test_the_prompt_cache_keeps_what_a_call_reads_and_drops_the_least_recent(tiny_pipe):
+    """The encoded-prompt cache is bounded; a call that overflows it must still return every prompt it asked
+    for (an old, reused prompt raised KeyError when the oldest half was dropped first) and evict the least
+    recently used, so a prompt a run keeps reusing stays."""
+    from common.models.sd import StableDiffusion
+
+    model = StableDiffusion(tiny_pipe)
+    model.cache_size = 4
+    fresh = StableDiffusion(tiny_pipe).condition([parse_prompt(p) for p in ("a zebra", "p9", "p10")])
+    model.condition([parse_prompt("a zebra")])
+    for k in range(3):
+        model.condition([parse_prompt(f"p{k}"), parse_prompt("a zebra")])  # the zebra reused every call
+    got = model.condition([parse_prompt(p) for p in ("a zebra", "p9", "p10")])
+    torch.testing.assert_close(got["prompt_embeds"], fresh["prompt_embeds"])
+    assert len(model._cache) == 4
+    from common.exploration import tokenize_weighted
+
+    def key(prompt):
+        return (0, tuple(tokenize_weighted(tiny_pipe.tokenizer, parse_prompt(prompt))[0]))
+
+    order = list(model._cache)
+    assert set(order[1:]) == {key("a zebra"), key("p9"), key("p10")}
+    assert order[0] == key("p2")  # p0 and p1 left first: the least recently used
+
 def test_sdxl_lora_export_loads_in_diffusers_and_reproduces_the_unet(sdxl, tmp_path):
     lora = LoraConfig(rank=4, alpha=8)
     ours = load_model(SDXL)

@@ -19,6 +19,7 @@ is one subclass in its own file (`sd.py`, `sdxl.py`) registered by its pipeline 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import ClassVar
 
 import torch
@@ -79,6 +80,7 @@ class DiffusionModel(ABC):
     family: ClassVar[str] = ""
     pipeline_class_name: ClassVar[str] = ""
     load_kwargs: ClassVar[dict] = {}  # extra from_pretrained arguments of the pipeline class
+    cache_size: ClassVar[int] = 4096  # encoded prompts kept per model (all encoders together), least recent out
 
     def __init__(self, pipe, resolution: int | tuple[int, int] | list[int] | None = None):
         self.pipe = pipe
@@ -87,7 +89,7 @@ class DiffusionModel(ABC):
         self.scheduler = pipe.scheduler
         self.encoders: list[tuple[object, torch.nn.Module]] = self._text_encoders(pipe)
         self.height, self.width = self._check_resolution(resolution)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._empty: list[torch.Tensor] | None = None
         # compiled UNets (the same module and weights): for the calls that take no gradient (sampling.compile)
         # and for those that do (algorithm.compile, the learner's)
@@ -169,9 +171,13 @@ class DiffusionModel(ABC):
             z, pooled = self._run_encoder(i, torch.tensor(missing, dtype=torch.long, device=enc.device))
             for j, ids in enumerate(missing):
                 self._cache[(i, ids)] = (z[j].float().cpu(), None if pooled is None else pooled[j].float().cpu())
-            if len(self._cache) > 4096:  # bound memory on huge prompt sets
-                self._cache = dict(list(self._cache.items())[-2048:])
-        got = [self._cache[(i, tuple(ids))] for ids in id_lists]
+        got = []
+        for ids in id_lists:
+            key = (i, tuple(ids))
+            self._cache.move_to_end(key)  # least recently used first
+            got.append(self._cache[key])
+        while len(self._cache) > self.cache_size:  # bound memory on huge prompt sets; this call's are newest
+            self._cache.popitem(last=False)
         z = torch.stack([g[0] for g in got])
         pooled = None if got[0][1] is None else torch.stack([g[1] for g in got])
         return z, pooled
