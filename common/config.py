@@ -215,6 +215,12 @@ class RunConfig(_Strict):
                 f"cluster.num_learners must be 1 with cluster.backend=local (got {self.cluster.num_learners}): "
                 "data-parallel learners are Ray actors"
             )
+        if self.cluster.num_learners > self.algorithm.gradient_accumulation:
+            raise ValueError(
+                f"cluster.num_learners ({self.cluster.num_learners}) must not exceed algorithm.gradient_accumulation "
+                f"({self.algorithm.gradient_accumulation}): each learner runs whole minibatches of an optimizer step, "
+                "so the learners beyond it would only wait; raise gradient_accumulation (and lower minibatch_size)"
+            )
         if self.sampling.eta == 0 and self.algorithm.name != "alignprop":
             raise ValueError(
                 f"sampling.eta must be > 0 with algorithm.name={self.algorithm.name}: its update needs each "
@@ -254,8 +260,8 @@ class RunConfig(_Strict):
         return {
             "samples_per_epoch": self.train.samples_per_epoch,
             "effective_batch": a.minibatch_size * a.gradient_accumulation,
-            "optimizer_steps_per_epoch": passes
-            * (self.train.samples_per_epoch // (a.minibatch_size * a.gradient_accumulation)),
+            "optimizer_steps_per_epoch": passes  # a last step of fewer minibatches counts too
+            * -(-self.train.samples_per_epoch // (a.minibatch_size * a.gradient_accumulation)),
             "trained_timesteps_per_sample": steps,
             "reward_queries_total": self.train.epochs * self.train.samples_per_epoch,
         }

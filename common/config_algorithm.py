@@ -5,6 +5,7 @@ Re-exported by common.config, where the whole run's configuration (`RunConfig`) 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -179,7 +180,10 @@ class AlgorithmConfig(_Strict):
 def window_steps(num_steps: int, window: tuple[float, float], fraction: float) -> tuple[list[int], int]:
     """(indices of the denoising steps inside `window`, how many of them each sample trains on).
     Step indices count from the noisiest step (0); at least one step is kept."""
-    lo = min(int(window[0] * num_steps), num_steps - 1)
-    hi = max(lo + 1, round(window[1] * num_steps))
+    def at(f: float) -> int:  # one rounding for both ends (half up; 0.29 * 100 = 28.999... is step 29), so
+        return math.floor(f * num_steps + 0.5)  # [0, w) and [w, 1) split the chain without sharing a step
+
+    lo = min(at(window[0]), num_steps - 1)
+    hi = max(lo + 1, at(window[1]))
     idx = list(range(lo, hi))
     return idx, max(1, int(len(idx) * fraction))

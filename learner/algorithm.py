@@ -100,26 +100,37 @@ class LoRALearner:
             offset += n
 
     def _accumulation_pass(self, chunks, run, on_progress=None, done: int = 0) -> tuple[list[float], int]:
-        """One pass over minibatches with gradient accumulation: `run(chunk, owned)` for every chunk, on every
-        learner (so random draws stay in step; only the owner computes and backpropagates), the progress
-        counter after each, an optimizer step every `gradient_accumulation` chunks and after the last.
+        """One pass over minibatches with gradient accumulation: `run(chunk, owned, step_samples)` for every
+        chunk, on every learner (so random draws stay in step; only the owner computes and backpropagates), the
+        progress counter after each, an optimizer step every `gradient_accumulation` chunks and after the last.
+        `step_samples` is the number of samples in the chunk's optimizer step, whichever learners run them: a
+        run weights its loss by its chunk's share of them (`step_share`), so that a step of fewer or smaller
+        minibatches (an epoch that does not divide into whole steps, or samples dropped before the update)
+        still takes the mean over its samples instead of a fraction of it.
         Returns (the steps' gradient norms, samples done, counting on from `done`)."""
+        chunks = list(chunks)
+        acc = self.cfg.algorithm.gradient_accumulation
+        step_samples = [sum(len(c) for c in chunks[i - i % acc : i - i % acc + acc]) for i in range(len(chunks))]
         grad_norms, pending = [], 0
-        for chunk in chunks:
-            run(
-                chunk, self.owns(pending)
-            )  # data parallel: each learner runs its share of every step's minibatches
+        for chunk, n_step in zip(chunks, step_samples):
+            run(chunk, self.owns(pending), n_step)  # data parallel: each learner runs its share of every step
             done += len(chunk)
             self.progress = done
             if on_progress is not None:
                 on_progress(done)
             pending += 1
-            if pending == self.cfg.algorithm.gradient_accumulation:
+            if pending == acc:
                 grad_norms.append(self._step())
                 pending = 0
         if pending:
             grad_norms.append(self._step())
         return grad_norms, done
+
+    def step_share(self, samples: int, step_samples: int) -> float:
+        """The factor that, with the loss divided by `gradient_accumulation` as well, weights a minibatch of
+        `samples` samples (its loss a mean over them) by its share of its optimizer step's `step_samples`:
+        exactly 1.0 when the step is `gradient_accumulation` minibatches of equal size."""
+        return samples * self.cfg.algorithm.gradient_accumulation / step_samples
 
     # ------------------------------------------------------------------ weights
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:

@@ -80,14 +80,14 @@ class AlignPropLearner(LoRALearner):
         terms: dict[str, list[torch.Tensor]] = {}
         self.progress = 0
 
-        def run(rows: range, owned: bool) -> None:
+        def run(rows: range, owned: bool, step_samples: int) -> None:
             k = self.truncation()  # drawn on every learner, so the draws stay in step
             if not owned:
                 return
             loss, r, parts = self.minibatch_loss(
                 prompts[rows.start : rows.stop], seeds[rows.start : rows.stop], k
             )
-            (loss / a.gradient_accumulation).backward()
+            (loss * self.step_share(len(rows), step_samples) / a.gradient_accumulation).backward()
             rewards.append(r)
             losses.append(float(loss.detach()))
             ks.append(k)

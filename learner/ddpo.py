@@ -102,11 +102,12 @@ class DDPOLearner(LoRALearner):
                 [window_t[torch.randperm(len(window), generator=self.rng)[:t_train]] for _ in range(b)]
             )  # [B, T']
 
-            def run(idx: torch.Tensor, owned: bool, steps: torch.Tensor = steps) -> None:
+            def run(idx: torch.Tensor, owned: bool, step_samples: int, steps: torch.Tensor = steps) -> None:
                 nonlocal n_mb, first
                 if not owned:
                     return
-                mb_info = self._minibatch_backward(batch, adv, idx, steps[idx])
+                share = self.step_share(len(idx), step_samples)
+                mb_info = self._minibatch_backward(batch, adv, idx, steps[idx], share)
                 if not first:  # before the epoch's first optimizer step: must be on-policy
                     first = {
                         "logprob_mismatch": mb_info["logprob_mismatch"],
@@ -132,11 +133,12 @@ class DDPOLearner(LoRALearner):
         return out
 
     def _minibatch_backward(
-        self, batch: TrajectoryBatch, adv: torch.Tensor, idx: torch.Tensor, steps: torch.Tensor
+        self, batch: TrajectoryBatch, adv: torch.Tensor, idx: torch.Tensor, steps: torch.Tensor, share: float = 1.0
     ) -> dict[str, float]:
         """Forward and backward of one minibatch's (sample, timestep) pairs, in UNet calls bounded by
         `timestep_chunk` and `max_unet_batch`; each call's loss is weighted by its share of the pairs, so
-        the accumulated gradient equals that of one call over all of them."""
+        the accumulated gradient equals that of one call over all of them. The minibatch's loss, a mean over
+        its pairs, is backpropagated times `share / gradient_accumulation` (`step_share`)."""
         a = self.cfg.algorithm
         m, t_train = steps.shape
         chunk = a.timestep_chunk or t_train
@@ -160,7 +162,7 @@ class DDPOLearner(LoRALearner):
                     lp, batch.log_probs[rows, j].to(lp.device), adv[rows].to(lp.device), a.clip_range
                 )
                 weight = rows.numel() / total
-                (loss * weight / a.gradient_accumulation).backward()
+                (loss * weight * share / a.gradient_accumulation).backward()
                 acc["loss"] += float(loss.detach()) * weight
                 for k in ("approx_kl", "clipfrac", "ratio_mean"):
                     acc[k] += float(info[k]) * weight

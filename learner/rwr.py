@@ -157,7 +157,7 @@ class RWRLearner(DDPOLearner):
         for _ in range(a.inner_epochs):
             perm = kept[torch.randperm(len(kept), generator=self.rng)]
 
-            def run(idx: torch.Tensor, owned: bool) -> None:
+            def run(idx: torch.Tensor, owned: bool, step_samples: int) -> None:
                 xt, t, eps = self.noisy(
                     x0_all[idx], r.timesteps_per_sample
                 )  # drawn on every learner: in step
@@ -179,8 +179,10 @@ class RWRLearner(DDPOLearner):
                     pred = self.model.predict(xt.to(dev), t.to(dev), c)
                 mse = ((pred.float() - eps.to(pred.device)) ** 2).flatten(1).mean(1)
                 wl = w[rows].to(pred.device) * mse
-                # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is
-                (wl.sum() / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)).backward()
+                # the mean over an optimizer step's (sample, t) pairs, as DDPO's loss is (the step's samples,
+                # not the nominal minibatch_size x gradient_accumulation: a last step may hold fewer)
+                share = self.step_share(a.minibatch_size, step_samples)
+                (wl.sum() * share / (a.minibatch_size * r.timesteps_per_sample * a.gradient_accumulation)).backward()
                 losses.append(float(wl.detach().mean()))
 
             chunks = [

@@ -75,6 +75,21 @@ def test_local_backend_cannot_sample_ahead():
         load_config("tiny", ["cluster.backend=slurm"])
 
 
+
+def test_learners_beyond_the_accumulation_are_refused_and_a_short_last_step_is_counted():
+    """Each data-parallel learner runs whole minibatches of an optimizer step: with more learners than
+    gradient_accumulation the rest would only wait. An epoch that does not divide into whole steps ends with a
+    shorter step, which the start-up figures count."""
+    from common.config import ConfigError, load_config
+
+    base = ["train.samples_per_epoch=24", "algorithm.minibatch_size=4", "algorithm.gradient_accumulation=2"]
+    assert load_config("tiny", base + ["cluster.num_learners=2"]).cluster.num_learners == 2
+    with pytest.raises(ConfigError, match=r"cluster.num_learners \(3\) must not exceed algorithm.gradient_accumulation"):
+        load_config("tiny", base + ["cluster.num_learners=3"])
+    cfg = load_config("tiny", ["train.samples_per_epoch=24", "algorithm.minibatch_size=4",
+                               "algorithm.gradient_accumulation=4", "algorithm.inner_epochs=1"])  # fmt: skip
+    assert cfg.derived()["optimizer_steps_per_epoch"] == 2  # 6 minibatches: a step of 4, then one of 2
+
 def test_every_preset_validates_and_the_paper_presets_name_real_rewards_and_prompts():
     from common.prompts import load_prompts
     from rewards import reward_names, reward_options

@@ -113,6 +113,11 @@ def test_timestep_window_config():
     assert window_steps(20, (0.0, 0.5), 1.0) == (list(range(10)), 10)
     assert window_steps(20, (0.0, 0.4), 0.5) == (list(range(8)), 4)
     assert window_steps(3, (0.9, 1.0), 1.0) == ([2], 1)
+    # both ends round alike, so a boundary splits the chain without a shared step (float error included)
+    for n, w in [(25, 0.3), (20, 0.33), (100, 0.29), (20, 0.3)]:
+        early, late = window_steps(n, (0.0, w), 1.0)[0], window_steps(n, (w, 1.0), 1.0)[0]
+        assert early + late == list(range(n)), (n, w)
+    assert window_steps(100, (0.29, 1.0), 1.0)[0][0] == 29
     assert load_config("tiny", ["algorithm.timestep_window=[0,0.5]"]).derived()["trained_timesteps_per_sample"] == 10
     with pytest.raises(ConfigError, match="algorithm.timestep_window: must be"):
         load_config("tiny", ["algorithm.timestep_window=[0.5,0.5]"])
@@ -160,3 +165,37 @@ def test_update_size_shows_a_single_step_epoch_moving(tiny_cfg, scored_batch):
         norms[lr] = m["update_norm"]
     assert 8 < norms[1e-3] / norms[1e-4] <= 10 + 1e-3, norms
     assert learner.update_size(learner.snapshot()) == {"update_norm": 0.0}
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo", "rwr"])
+def test_a_last_step_of_fewer_minibatches_takes_the_mean_of_its_samples(tiny_cfg, scored_batch, algorithm):
+    """8 samples in minibatches of 2 with gradient_accumulation 3: steps of 3 minibatches and of 1. Each step's
+    gradient must be the mean over its own samples, as with one step per minibatch (the weights held still);
+    the last step's was a third of it when every loss was divided by the nominal accumulation."""
+    from learner.rwr import RWRLearner
+
+    cls = {"ddpo": DDPOLearner, "rwr": RWRLearner}[algorithm]
+    steps = {}
+    for acc in (1, 3):
+        cfg = tiny_cfg.model_copy(deep=True)
+        cfg.algorithm.name, cfg.algorithm.minibatch_size, cfg.algorithm.gradient_accumulation = algorithm, 2, acc
+        cfg.algorithm.max_grad_norm = 1e9
+        cfg.algorithm.rwr.weighting = "exp"  # RWR keeps every sample: the same 4 minibatches as DDPO
+        learner = cls(cfg)
+        torch.manual_seed(0)
+        for p in learner.params:  # a non-zero B so every LoRA factor gets gradient
+            torch.nn.init.normal_(p, std=0.01)
+        recorded = []
+
+        def step(learner=learner, recorded=recorded):  # record each step's gradient; the weights stay put
+            recorded.append(_grads(learner).clone())
+            learner.optimizer.zero_grad(set_to_none=True)
+            return 0.0
+
+        learner._step = step
+        learner.train(scored_batch)
+        steps[acc] = recorded
+    one, three = steps[1], steps[3]
+    assert len(one) == 4 and len(three) == 2  # 4 minibatches: [3, 1] of them per step, the last one short
+    for got, want in ((three[0], sum(one[:3]) / 3), (three[1], one[3])):
+        assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-5
