@@ -184,5 +184,14 @@ class LoRALearner:
     def load_state_dict(self, state: dict, lora: dict[str, torch.Tensor]) -> None:
         load_lora_state(self.model.unet, lora)
         self.optimizer.load_state_dict(state["optimizer"])
+        # the checkpoint's moments and step counts, but this config's hyperparameters: `--resume --set
+        # algorithm.learning_rate=...` takes effect (load_state_dict brings back the saved ones)
+        a = self.cfg.algorithm
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = a.learning_rate, a.weight_decay
+            if "betas" in group:
+                group["betas"] = tuple(a.adam_betas)
+            if "momentum" in group:
+                group["momentum"] = a.adam_betas[0]
         self.rng.set_state(state["rng"])
         self.version = int(state["version"])

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # what a checkpoint's LoRA and optimizer state were trained for: a resumed run cannot change them
 RESUME_FIXED = ("model.pretrained", "model.revision", "model.tiny_seed", "lora", "algorithm.name",
-                "sampling.resolution")
+                "algorithm.optimizer", "sampling.resolution")  # (the optimizer's state is of its kind)
 
 
 def check_resume_overrides(before: RunConfig, after: RunConfig, run_path: Path) -> None:

@@ -107,6 +107,7 @@ def test_a_new_run_never_overwrites_an_earlier_one(capsys, tmp_path):
         ("lora.rank=8", "lora.rank is 4 in that run, not 8"),
         ("model.pretrained=shapes-base", "model.pretrained is 'tiny' in that run, not 'shapes-base'"),
         ("algorithm.name=rwr", "algorithm.name is 'ddpo' in that run, not 'rwr'"),
+        ("algorithm.optimizer=sgd", "algorithm.optimizer is 'adamw' in that run, not 'sgd'"),
     ],
 )
 def test_a_resume_cannot_change_what_its_checkpoints_were_trained_for(capsys, tmp_path, override, expected):

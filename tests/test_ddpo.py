@@ -199,3 +199,20 @@ def test_a_last_step_of_fewer_minibatches_takes_the_mean_of_its_samples(tiny_cfg
     assert len(one) == 4 and len(three) == 2  # 4 minibatches: [3, 1] of them per step, the last one short
     for got, want in ((three[0], sum(one[:3]) / 3), (three[1], one[3])):
         assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-5
+
+
+def test_a_resumed_learner_keeps_its_moments_and_takes_the_configs_hyperparameters(tiny_cfg, scored_batch):
+    """A checkpoint brings back the optimizer's moments and step counts; `--resume --set
+    algorithm.learning_rate=...` must still take effect (load_state_dict restored the saved rate)."""
+    learner = DDPOLearner(tiny_cfg)
+    learner.train(scored_batch)
+    state, lora = learner.state_dict(), learner.weights()[1]
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.algorithm.learning_rate, cfg.algorithm.weight_decay, cfg.algorithm.adam_betas = 1e-5, 0.5, (0.8, 0.99)
+    resumed = DDPOLearner(cfg)
+    resumed.load_state_dict(state, lora)
+    group = resumed.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (1e-5, 0.5, (0.8, 0.99))
+    saved = learner.optimizer.state_dict()["state"]
+    got = resumed.optimizer.state_dict()["state"]
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k]["exp_avg"], got[k]["exp_avg"]) for k in saved)
