@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -30,6 +31,24 @@ class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be resumed from."""
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` all at once: a crash leaves the old file or the new one, never a part of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -42,7 +61,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
         self.samples_dir.mkdir(exist_ok=True)
-        (self.path / "config.yaml").write_text(dump_config(cfg))
+        write_atomic(self.path / "config.yaml", dump_config(cfg))
+        for left in self.ckpt_dir.glob(".tmp-step_*"):  # checkpoints a crash cut off before their rename
+            shutil.rmtree(left, ignore_errors=True)
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
         if not resume:  # a new run's base evaluation is its own
@@ -68,14 +89,28 @@ class RunDir:
             self._tb.flush()
 
     def read_metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl. A last line cut off (a crash or a full disk during its write) is left out:
+        the resume that follows rewrites the file without it. Any other line that does not parse is an error
+        naming it."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        lines = [(i, ln) for i, ln in enumerate(self.metrics_path.read_text().splitlines(), 1) if ln.strip()]
+        rows = []
+        for k, (i, ln) in enumerate(lines):
+            try:
+                rows.append(json.loads(ln))
+            except json.JSONDecodeError as e:
+                if k == len(lines) - 1:
+                    break
+                raise CheckpointError(f"{self.metrics_path}, line {i}: not a JSON row ({e.msg}); remove or repair that "
+                                      "line") from e  # fmt: skip
+        return rows
 
     def truncate_metrics(self, epochs_done: int) -> None:
-        """Keep only rows of epochs before `epochs_done` (a resumed run rewrites later ones)."""
+        """Keep only rows of epochs before `epochs_done` (a resumed run rewrites later ones), replacing the file
+        at once (a crash while rewriting it must not lose the rows kept)."""
         rows = [r for r in self.read_metrics() if r.get("epoch", 0) < epochs_done and not r.get("final_eval")]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -233,6 +268,9 @@ class RunDir:
         never imports diffusers)."""
         final = self.ckpt_dir / f"step_{epochs_done}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{epochs_done}-", dir=self.ckpt_dir))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # as any directory the run makes (mkdtemp's are private)
         try:
             for name, data in state["lora_files"].items():
                 if Path(name).name != name:
@@ -241,9 +279,14 @@ class RunDir:
             save_file(state["lora"], str(tmp / "lora_state.safetensors"))
             torch.save(state["learner"], tmp / "learner_state.pt")
             (tmp / "counters.json").write_text(json.dumps(counters, indent=1))
+            for f in tmp.iterdir():  # on disk before the rename makes the checkpoint count (a power loss
+                os.chmod(f, 0o666 & ~umask)  # could otherwise leave a complete-looking step_N of empty files)
+                _fsync(f)
+            _fsync(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            _fsync(self.ckpt_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
