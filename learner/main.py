@@ -52,10 +52,10 @@ RESUME_FIXED = ("model.pretrained", "model.revision", "model.tiny_seed", "lora",
                 "algorithm.optimizer", "sampling.resolution")  # (the optimizer's state is of its kind)
 
 
-def check_resume_overrides(before: RunConfig, after: RunConfig, run_path: Path) -> None:
-    """One line naming the first field of RESUME_FIXED that --set changed on --resume (before config.yaml is
+def check_resume_overrides(before: RunConfig, after: RunConfig, run_path: Path, fixed=RESUME_FIXED) -> None:
+    """One line naming the first field of `fixed` that --set changed on --resume (before config.yaml is
     rewritten: a refused resume leaves the run as it was)."""
-    for key in RESUME_FIXED:
+    for key in fixed:
         old, new = config_value(before, key), config_value(after, key)
         if old != new:
             if isinstance(old, dict):  # name the sub-field
@@ -214,6 +214,29 @@ def check_new_run_path(run_path: Path) -> None:
         )
 
 
+def check_resumed_stages(cfg: RunConfig, run_path: Path, stages: list[RunConfig]) -> None:
+    """On --resume of a run with stages, before anything trains: a stage that will be resumed keeps what its
+    checkpoints were trained for (RESUME_FIXED against its own config.yaml; its model is its fused directory by
+    construction), and a stage that has not finished (one extended by --set train.epochs, say) has no later
+    stage begun, as those were trained from its earlier policy."""
+    from learner.stages import is_complete, stage_paths
+
+    runs = [(run_path, cfg)] + [(stage_paths(run_path, k)[0], s) for k, s in enumerate(stages, start=2)]
+    for i, (path, scfg) in enumerate(runs):
+        if i and (path / "config.yaml").is_file():
+            fixed = tuple(k for k in RESUME_FIXED if k != "model.pretrained")
+            check_resume_overrides(load_config(str(path / "config.yaml")), scfg, path, fixed)
+        if not is_complete(path, scfg):
+            begun = [p for k in range(i + 2, len(runs) + 1) for p in stage_paths(run_path, k) if p.exists()]
+            if begun:
+                raise ConfigError(
+                    f"--resume {run_path}: stage {i + 1} ({path}) has not finished its {scfg.train.epochs} epochs, "
+                    f"but {begun[0]} was made from its earlier policy; resume without extending stage {i + 1}, "
+                    "or start a new run (--output)"
+                )
+            return
+
+
 def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     """Train `cfg` into `run_path` on its backend (cluster.backend), then its `stages` (learner/stages.py), each
     in its own directory under `run_path`; returns the metric rows (a later stage's with its `stage` number).
@@ -227,6 +250,8 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     stages = stage_configs(cfg, run_path)  # once, before anything trains: a preset edited meanwhile changes nothing
     for stage in stages:
         preflight(stage, check_model=False)
+    if resume and stages:
+        check_resumed_stages(cfg, run_path, stages)
     if cfg.cluster.backend == "ray":
         start_ray(cfg)  # before the run directory is written: an unreachable or too small cluster leaves nothing
     if resume and cfg.stages and is_complete(run_path, cfg):

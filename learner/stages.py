@@ -97,13 +97,13 @@ def stage_configs(cfg: RunConfig, run_path: Path) -> list[RunConfig]:
 
 
 def is_complete(run_path: Path, cfg: RunConfig) -> bool:
-    """Whether the run in `run_path` has finished: its final evaluation is logged (or, without evaluation, its
-    last checkpoint is the last epoch's)."""
+    """Whether the run in `run_path` has finished: its final evaluation after `cfg.train.epochs` is logged (or,
+    without evaluation, its last checkpoint is the last epoch's). A run resumed with more epochs has not."""
     from learner.run_dir import RunDir
 
     rd = RunDir(run_path)
     if cfg.eval.every > 0 and cfg.eval.final:
-        return any(r.get("final_eval") for r in rd.read_metrics())
+        return any(r.get("final_eval") and r.get("epoch") == cfg.train.epochs for r in rd.read_metrics())
     last = rd.latest_checkpoint()
     return last is not None and last.name == f"step_{cfg.train.epochs}"
 

@@ -93,6 +93,19 @@ def test_two_stages_pair_every_evaluation_with_the_original_base_and_resume(tmp_
     again = next(r for r in RunDir(tmp_path / "run" / "stage2").read_metrics() if r.get("final_eval"))
     assert again["eval_reward_mean"] == pytest.approx(end2["eval_reward_mean"], abs=1e-6)
 
+    # more epochs for a first stage whose stage 2 exists are refused (they were taken as "finished" and
+    # nothing trained); so is a stage's LoRA changed on resume (a tensor-size error, after its config.yaml
+    # was rewritten). Nothing is written either way.
+    before = (first.read_metrics(), second.read_metrics(), (second.path / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"stage 1 \(.*run\) has not finished its 3 epochs, but .*stage2 was made "
+                                          r"from its earlier policy; resume without extending stage 1"):  # fmt: skip
+        run(_cfg([{"config": "tiny", "set": STAGE}], ["train.epochs=3"]), tmp_path / "run", resume=True,
+            log=lambda *_: None)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--resume .*stage2: lora.rank is 16 in that run, not 8"):
+        run(_cfg([{"config": "tiny", "set": {**STAGE, "lora.rank": 8}}]), tmp_path / "run", resume=True,
+            log=lambda *_: None)  # fmt: skip
+    assert (first.read_metrics(), second.read_metrics(), (second.path / "config.yaml").read_text()) == before
+
 
 def test_a_first_stage_without_its_final_evaluation(tmp_path):
     """eval.final=false: stage 1 evaluates only the base, stage 2 only at its end, still paired with the base."""
