@@ -264,6 +264,18 @@ def run(cfg: RunConfig, run_path: Path, resume: bool, log=print) -> list[dict]:
     return rows
 
 
+def make_run_id(run_path: Path, first_stage: Path | None = None) -> str:
+    """The run's name for its queues (Redis streams) and dashboard tags: the directory's name (a later stage's
+    prefixed by its first stage's), then a hash of its full path, so two runs named alike in two folders (two
+    sweeps' exp1) never share streams, and a resumed run finds its own again."""
+    import hashlib
+
+    path = Path(run_path).resolve()
+    name = path.name if first_stage is None else f"{Path(first_stage).resolve().name}-{path.name}"
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+    return f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
 def train_stage(cfg: RunConfig, run_path: Path, resume: bool, eval_base_from: Path | None = None,
                 log=print) -> list[dict]:  # fmt: skip
     """Train one run (or stage) into `run_path`; returns its metric rows. `eval_base_from`: a run directory whose
@@ -289,10 +301,7 @@ def train_stage(cfg: RunConfig, run_path: Path, resume: bool, eval_base_from: Pa
     d = cfg.derived()
     log(f"run {run_path} | model {cfg.model.pretrained} | backend {cfg.cluster.backend} | "
         + " ".join(f"{k}={v}" for k, v in d.items()))  # fmt: skip
-    name = Path(run_path).resolve().name
-    if eval_base_from is not None:  # a later stage: <run>-stage<k>, not one name for every run's stage 2
-        name = f"{Path(eval_base_from).resolve().name}-{name}"
-    run_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+    run_id = make_run_id(run_path, eval_base_from)
     lost = 0
     try:
         while True:

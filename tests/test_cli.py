@@ -145,3 +145,15 @@ def test_a_config_file_that_is_not_yaml_names_its_line(capsys, tmp_path):
     code, err = _run(capsys, "--config", str(bad), "--output", str(tmp_path / "run"))
     assert code == 1 and err == (f"error: config file {bad}: not valid YAML at line 3, column 5: mapping values are "
                                  "not allowed here")
+
+
+def test_runs_named_alike_in_two_folders_get_their_own_queues(tmp_path):
+    """The Redis streams are named by the run id: two sweeps' exp1 shared them (the second run's start emptied
+    the first's streams and the learners trained on each other's batches). A resume finds its own again."""
+    from learner.main import make_run_id
+
+    a, b = tmp_path / "sweepA" / "exp1", tmp_path / "sweepB" / "exp1"
+    assert make_run_id(a) != make_run_id(b) and make_run_id(a).startswith("exp1-")
+    assert make_run_id(a) == make_run_id(tmp_path / "sweepA" / "." / "exp1")  # the same directory, however named
+    assert make_run_id(a / "stage2", a).startswith("exp1-stage2-")
+    assert all(ch.isalnum() or ch in "-_" for ch in make_run_id(tmp_path / "a b:c"))
