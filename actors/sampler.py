@@ -47,10 +47,7 @@ class SamplerActor(ActorProcess):
         as it is done. `weights` = (version, [ObjectRef of the LoRA state]) the rollouts must come from: a
         sampler restarted by Ray after a crash holds its initial weights and loads these first. A sampler
         that scores (no reward actors) puts scored batches, and `queue` is the scored queue."""
-        import ray
-
-        if weights is not None and self.gen.version != weights[0]:
-            self.gen.set_weights(weights[0], ray.get(weights[1][0]))
+        self._hold(weights)
         t0 = time.perf_counter()
         bs = self.gen.cfg.sampling.batch_size
         items, t_reward = 0, 0.0
@@ -66,9 +63,19 @@ class SamplerActor(ActorProcess):
         return {"items": items, "samples": len(prompts), "time_sample": time.perf_counter() - t0 - t_reward,
                 "time_reward": t_reward}  # fmt: skip
 
-    def sample_eval(self, prompts: list[str], seeds: list[int]):
-        """Evaluation images: plain prompts, constant scale, fixed seeds. Returns the TrajectoryBatch."""
+    def sample_eval(self, prompts: list[str], seeds: list[int], weights: tuple[int, list] | None = None):
+        """Evaluation images: plain prompts, constant scale, fixed seeds. Returns the TrajectoryBatch. `weights` as
+        for `sample`: a sampler that Ray restarted between the weight sync and this call would otherwise draw
+        them from its initial weights (and the evaluation stop on the mixed versions)."""
+        self._hold(weights)
         return self.gen.generate(prompts, seeds, explore=False)
+
+    def _hold(self, weights: tuple[int, list] | None) -> None:
+        """Load `weights` = (version, [ObjectRef of the LoRA state]) unless that version is held already."""
+        if weights is not None and self.gen.version != weights[0]:
+            import ray
+
+            self.gen.set_weights(weights[0], ray.get(weights[1][0]))
 
     def score_batch(self, batch, details: bool = False, evaluation: bool = False):
         """RewardActor.score_batch, for a sampler that scores (cluster.num_reward_actors 0)."""

@@ -279,7 +279,7 @@ class RaySystem:
         futs, scorers, start = [], [], 0
         for s, n in zip(self.samplers, _split(len(prompts), len(self.samplers))):
             if n:
-                futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n]))
+                futs.append(s.sample_eval.remote(prompts[start : start + n], seeds[start : start + n], self._weights))
                 scorers.append(self.rewarders[(len(futs) - 1) % len(self.rewarders)] if self.rewarders else s)
             start += n
         scores = ray.get([r.score_batch.remote(f, True, True) for r, f in zip(scorers, futs)])

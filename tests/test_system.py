@@ -137,6 +137,19 @@ def test_a_silent_noop_weight_sync_stops_the_run(ray_session, tiny_cfg, tmp_path
         system.shutdown()
 
 
+
+def test_a_restarted_sampler_evaluates_with_the_published_weights(ray_session, tiny_cfg):
+    """Ray restarts a crashed sampler with its initial weights; between the weight sync and the evaluation that
+    sampler would draw its share of the evaluation images from version 0, and the run stop on the mixed
+    versions. Evaluation carries the published weights as training rollouts do."""
+    from common.pipelines import lora_checksum
+
+    sampler = SamplerActor(tiny_cfg, 0)  # in this process: a fresh sampler holds version 0, as a restarted one
+    state = {k: v + 0.01 for k, v in sampler.lora_state().items()}
+    batch = sampler.sample_eval(["a photo of a cat"], [1], (3, [ray.put(state)]))
+    assert batch.policy_version == 3 and sampler.held() == (3, lora_checksum(state))
+    assert sampler.sample_eval(["a photo of a cat"], [1]).policy_version == 3  # no weights: as held
+
 def test_sdxl_on_policy_invariant_through_the_distributed_path(ray_session, tiny_cfg, tmp_path):
     """SDXL's conditioning (two encoders' states, pooled embedding, time ids) travels sampler -> learner intact."""
     cfg = _cfg(tiny_cfg, "model.pretrained=tiny-sdxl", "cluster.num_samplers=1", "train.epochs=2", "eval.every=0",
