@@ -168,15 +168,27 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return name
 
 
-def check_model_resolution(source: str, resolution) -> None:
-    """The check of `sampling.resolution` that loading the model makes, from a local model's config files alone
-    (before a run directory exists); a hub id is checked when it loads."""
+def check_model_configs(source: str, resolution) -> None:
+    """The checks of `sampling.resolution` and of the scheduler that loading the model makes, from a local model's
+    config files alone (before a run directory exists); a hub id is checked when it loads."""
     from common.models.base import check_resolution
 
+    scheduler = Path(source) / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        _check_scheduler(source, json.loads(scheduler.read_text()))
     configs = [Path(source) / part / "config.json" for part in ("unet", "vae")]
     if resolution is None or not all(c.is_file() for c in configs):
         return
     check_resolution(resolution, *(json.loads(c.read_text()) for c in configs))
+
+
+def _check_scheduler(source: str, config) -> None:
+    from common.sampling import check_scheduler
+
+    try:
+        check_scheduler(config)
+    except ValueError as err:
+        raise ModelLoadError(f"model.pretrained={source!r}: {err}") from None
 
 
 def pipeline_class_name(source: str, revision: str | None = None) -> str:
@@ -226,6 +238,7 @@ def load_pipeline(cfg: ModelConfig):
         hint = " (HF_HUB_OFFLINE=1 is set: download it first or give a local path)" if offline else ""
         raise ModelLoadError(f"model.pretrained={source!r}: could not be loaded{hint}: {str(err).splitlines()[0]}")
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    _check_scheduler(source, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

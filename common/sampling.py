@@ -19,10 +19,54 @@ from common.models.base import Cond, DiffusionModel, cond_expand, cond_to
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def ddim_timesteps(num_train_timesteps: int, num_steps: int, steps_offset: int = 1) -> torch.Tensor:
-    """DDIM's 'leading' timestep spacing, noisiest first: [T] long."""
-    ratio = num_train_timesteps // num_steps
-    return torch.from_numpy((np.arange(num_steps) * ratio).round()[::-1].copy().astype(np.int64)) + steps_offset
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def ddim_timesteps(
+    num_train_timesteps: int, num_steps: int, steps_offset: int = 1, spacing: str = "leading"
+) -> torch.Tensor:
+    """The DDIM timesteps of `num_steps` steps, noisiest first: [T] long, as diffusers' DDIMScheduler spaces them
+    (`timestep_spacing`: 'leading', SD1.x/SDXL's; 'trailing', which starts at the last training step (SD-Turbo,
+    zero-terminal-SNR models); 'linspace'). Each step goes to t - num_train_timesteps // num_steps, as diffusers'."""
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        ts = (np.arange(num_steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1].copy().astype(np.int64)
+    else:
+        raise ValueError(f"timestep_spacing {spacing!r} is not supported ({', '.join(TIMESTEP_SPACINGS)})")
+    return torch.from_numpy(ts)
+
+
+def scheduler_timesteps(scheduler, num_steps: int) -> torch.Tensor:
+    """`ddim_timesteps` for a loaded DDIM scheduler's config."""
+    c = scheduler.config
+    return ddim_timesteps(c.num_train_timesteps, num_steps, c.steps_offset, c.get("timestep_spacing", "leading"))
+
+
+def step_options(scheduler) -> dict:
+    """The keyword options of `ddim_step_with_logprob` that a scheduler's config sets: the model's prediction type
+    and, where `clip_sample` is on, the range its x_0 prediction is clipped to (as diffusers' DDIM step does)."""
+    c = scheduler.config
+    return {"prediction_type": c.prediction_type,
+            "clip_sample": float(c.clip_sample_range) if c.get("clip_sample", False) else None}  # fmt: skip
+
+
+def check_scheduler(config) -> None:
+    """A scheduler config this DDIM step reproduces, or a ValueError in one line naming what it does not."""
+    if config.get("thresholding", False):
+        raise ValueError("its scheduler sets thresholding=true (dynamic thresholding of x_0, for pixel-space models), "
+                         "which the DDIM step with log-prob does not implement")  # fmt: skip
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"its scheduler's timestep_spacing {spacing!r} is not supported ({', '.join(TIMESTEP_SPACINGS)})"
+        )
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise ValueError(f"its scheduler's prediction_type {config.get('prediction_type')!r} is not supported "
+                         "(epsilon, v_prediction)")  # fmt: skip
 
 
 def alphas_on(scheduler, device: torch.device | str) -> torch.Tensor:
@@ -50,6 +94,7 @@ def ddim_step_with_logprob(
     noise: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     prev_timestep: torch.Tensor | None = None,
+    clip_sample: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} with eta > 0 and its Gaussian log-prob.
 
@@ -61,6 +106,8 @@ def ddim_step_with_logprob(
     If prev_sample is None it is drawn as mean + std * noise (noise ~ N(0, I) required).
     `prev_timestep` [B] (default: timestep - num_train_timesteps // num_steps; negative: the final alpha)
     makes it a jump over several of the schedule's steps (the coarse deterministic tail, `sampling.tail_steps`).
+    `clip_sample`: clip the x_0 prediction to [-clip_sample, clip_sample] (a scheduler's `clip_sample`; see
+    `step_options`).
     """
     ac = alphas_cumprod.to(sample.device, torch.float32)
     prev_t = timestep - num_train_timesteps // num_steps if prev_timestep is None else prev_timestep
@@ -79,6 +126,8 @@ def ddim_step_with_logprob(
         eps = a_t.sqrt() * out + b_t.sqrt() * x
     else:
         raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    if clip_sample is not None:  # diffusers' DDIM step clips x_0 and keeps eps as predicted
+        x0 = x0.clamp(-clip_sample, clip_sample)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=1e-20).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
@@ -202,12 +251,12 @@ def denoise(
     sch = model.scheduler
     device = model.device
     num_steps = noise.shape[1] - 1
-    ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
+    ts = scheduler_timesteps(sch, num_steps)
     if isinstance(noise, torch.Tensor):
         noise = noise.to(device)
     cond, uncond, guidance = cond_to(cond, device), cond_to(uncond, device), guidance.to(device)
     x = _noise_on(noise, 0, device)
-    final, alphas = float(sch.final_alpha_cumprod), alphas_on(sch, device)
+    final, alphas, options = float(sch.final_alpha_cumprod), alphas_on(sch, device), step_options(sch)
     for i, t in enumerate(ts.tolist()):
         on = i >= num_steps - grad_steps and torch.is_grad_enabled()
         with torch.set_grad_enabled(on):
@@ -215,7 +264,7 @@ def denoise(
             eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, i])
             x, lp = ddim_step_with_logprob(
                 alphas, final, sch.config.num_train_timesteps, num_steps, eps, tt, x, eta,
-                noise=_noise_on(noise, i + 1, device), prediction_type=sch.config.prediction_type,
+                noise=_noise_on(noise, i + 1, device), **options,
             )  # fmt: skip
         if not on:
             x = x.detach()
@@ -241,7 +290,7 @@ def sample_rollout(
     recorded steps are the same latents and log-probs as the full chain's first `head`.
     """
     sch = model.scheduler
-    ts = ddim_timesteps(sch.config.num_train_timesteps, num_steps, sch.config.steps_offset)
+    ts = scheduler_timesteps(sch, num_steps)
     head = num_steps if head is None else head
     if not 1 <= head <= num_steps:
         raise ValueError(f"head={head} must be in [1, num_steps={num_steps}]")
@@ -296,7 +345,7 @@ def coarse_tail(
         eps = guided_noise_pred(model, x, tt, cond, uncond, guidance[:, a])
         x, _ = ddim_step_with_logprob(
             alphas, final, sch.config.num_train_timesteps, len(ts), eps, tt, x, 0.0,
-            noise=torch.zeros_like(x), prediction_type=sch.config.prediction_type, prev_timestep=prev,
+            noise=torch.zeros_like(x), prev_timestep=prev, **step_options(sch),
         )  # fmt: skip
     return x
 
@@ -354,6 +403,6 @@ def recompute_logprobs(
     eps = guided_noise_pred(model, latents, timesteps.to(device), cond, uncond, scale.to(device))
     _, lp = ddim_step_with_logprob(
         alphas_on(sch, device), float(sch.final_alpha_cumprod), sch.config.num_train_timesteps, num_steps, eps,
-        timesteps.to(device), latents, eta, prev_sample=next_latents, prediction_type=sch.config.prediction_type,
+        timesteps.to(device), latents, eta, prev_sample=next_latents, **step_options(sch),
     )  # fmt: skip
     return lp

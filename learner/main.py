@@ -90,7 +90,7 @@ def preflight(cfg: RunConfig, check_model: bool = True) -> None:
     """Check names, files and the model before any actor starts (raises with a one-line message).
     `check_model=False`: not the model (a later stage's, which the stage before it writes)."""
     from common.models import model_class
-    from common.pipelines import check_model_resolution, pipeline_class_name, resolve_model_path
+    from common.pipelines import check_model_configs, pipeline_class_name, resolve_model_path
     from common.prompts import load_prompts
     from rewards import check_reward
 
@@ -118,7 +118,7 @@ def preflight(cfg: RunConfig, check_model: bool = True) -> None:
         # the pipeline class, read from model_index.json (a hub id's is fetched, or found in the hub cache): an
         # unreachable or unsupported model stops here, not in every actor's start
         model_class(pipeline_class_name(source, cfg.model.revision))
-        check_model_resolution(source, cfg.sampling.resolution)
+        check_model_configs(source, cfg.sampling.resolution)
 
 
 def check_ray_address(cfg: RunConfig, timeout_s: float = 5.0) -> None:

@@ -31,6 +31,52 @@ def test_timesteps_match_diffusers():
     assert ddim_timesteps(1000, 20, 1).tolist() == s.timesteps.tolist()
 
 
+def test_every_timestep_spacing_and_clip_sample_match_diffusers():
+    """Schedulers of other models (trailing spacing: SD-Turbo, zero-terminal-SNR models; clip_sample, DDIM's
+    default where a config does not set it) were read as SD1.5's: the chain then differed from the model's own
+    DDIM pipeline."""
+    from common.sampling import scheduler_timesteps, step_options
+
+    for spacing in ("leading", "trailing", "linspace"):
+        for steps, offset in ((4, 0), (7, 1), (20, 1), (50, 1)):
+            s = DDIMScheduler(steps_offset=offset, timestep_spacing=spacing)
+            s.set_timesteps(steps)
+            assert scheduler_timesteps(s, steps).tolist() == s.timesteps.tolist(), (spacing, steps)
+    torch.manual_seed(2)
+    s = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=True, clip_sample_range=0.5,
+                      timestep_spacing="trailing")  # fmt: skip
+    s.set_timesteps(5)
+    assert step_options(s) == {"prediction_type": "epsilon", "clip_sample": 0.5}
+    x = torch.randn(2, 4, 8, 8)
+    for t in s.timesteps.tolist():
+        eps, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        tt = torch.full((2,), t, dtype=torch.long)
+        prev, _ = ddim_step_with_logprob(s.alphas_cumprod, float(s.final_alpha_cumprod), 1000, 5, eps, tt, x, 1.0,
+                                         noise=noise, **step_options(s))  # fmt: skip
+        ref = s.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+        torch.testing.assert_close(prev, ref, atol=1e-5, rtol=1e-5)
+        x = prev
+
+
+def test_a_scheduler_the_step_cannot_reproduce_is_named_before_the_run(tmp_path):
+    import json
+
+    import pytest
+
+    from common.models import ModelLoadError
+    from common.pipelines import check_model_configs
+
+    (tmp_path / "scheduler").mkdir()
+    for config, expected in (({"thresholding": True}, "thresholding=true"),
+                             ({"timestep_spacing": "karras"}, "timestep_spacing 'karras' is not supported"),
+                             ({"prediction_type": "sample"}, "prediction_type 'sample' is not supported")):  # fmt: skip
+        (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError, match=f"model.pretrained='{tmp_path}': its scheduler.*{expected}"):
+            check_model_configs(str(tmp_path), None)
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"timestep_spacing": "trailing"}))
+    check_model_configs(str(tmp_path), None)
+
+
 def test_step_matches_diffusers_and_gaussian_density():
     torch.manual_seed(0)
     s = _sched()
