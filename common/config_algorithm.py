@@ -20,6 +20,15 @@ class StatTrackerConfig(_Strict):
         8, ge=1, description="Below this many rewards for a prompt, the batch's mean and std are used."
     )
 
+    @model_validator(mode="after")
+    def _reachable(self) -> StatTrackerConfig:
+        if self.per_prompt and self.min_count > self.buffer_size:
+            raise ValueError(
+                f"min_count ({self.min_count}) exceeds buffer_size ({self.buffer_size}): a prompt never has that many "
+                "rewards kept, so its own statistics would never be used"
+            )
+        return self
+
 
 class AlignPropConfig(_Strict):
     truncation: tuple[int, int] = Field(

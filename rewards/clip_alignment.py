@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from rewards.loading import RewardLoadError, load_clip_model, resolve_source, reward_device, reward_dtype
+from rewards.loading import (
+    RewardLoadError,
+    TextFeatureCache,
+    load_clip_model,
+    resolve_source,
+    reward_device,
+    reward_dtype,
+)
 from rewards.preprocess import clip_preprocess
 from rewards.registry import register_reward
 
@@ -41,7 +48,7 @@ class _ClipAlignment:
         self.model = load_clip_model(self.name, source, self.device, self.dtype, self.expected)
         self.tokenizer = self._tokenizer(source, tokenizer_path)
         self.size = self.model.config.vision_config.image_size
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache = TextFeatureCache()
 
     def _tokenizer(self, source: str, tokenizer_path: str | None):
         from transformers import AutoTokenizer
@@ -65,14 +72,14 @@ class _ClipAlignment:
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         """Normalised text embeddings [B, D], cached per prompt (prompts repeat every epoch)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
+
+        def encode(missing: list[str]) -> torch.Tensor:
             tok = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt",
                                  max_length=min(77, self.tokenizer.model_max_length))  # fmt: skip
             emb = _features(self.model.get_text_features(**{k: v.to(self.device) for k, v in tok.items()}))
-            emb = emb.float() / emb.float().norm(dim=-1, keepdim=True)
-            self._text_cache.update(zip(missing, emb))
-        return torch.stack([self._text_cache[p] for p in prompts])
+            return emb.float() / emb.float().norm(dim=-1, keepdim=True)
+
+        return self._text_cache(prompts, encode)
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = clip_preprocess(images.to(self.device), self.size, dtype=self.dtype)

@@ -13,6 +13,7 @@ import torch
 
 from rewards.loading import (
     RewardLoadError,
+    TextFeatureCache,
     hub_file,
     load_state_strict,
     load_torch_state,
@@ -50,7 +51,7 @@ class HPSv2:
         size = model.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.mean, self.std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache = TextFeatureCache()
 
     @classmethod
     def preflight(cls, path: str | None = None, arch: str = "ViT-H-14", **_) -> None:
@@ -63,11 +64,10 @@ class HPSv2:
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            emb = self.model.encode_text(self.tokenizer(missing).to(self.device), normalize=True).float()
-            self._text_cache.update(zip(missing, emb))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        def encode(missing: list[str]) -> torch.Tensor:
+            return self.model.encode_text(self.tokenizer(missing).to(self.device), normalize=True).float()
+
+        return self._text_cache(prompts, encode)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = clip_preprocess(images.to(self.device), self.size, self.mean, self.std, dtype=self.dtype)

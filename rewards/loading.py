@@ -10,6 +10,8 @@ file to supply. Nothing here downloads at import time.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,3 +125,25 @@ def load_clip_model(reward: str, source: str, device: torch.device, dtype: torch
             f"missing {list(missing)[:2]}, mismatched {list(info.get('mismatched_keys') or [])[:2]})"
         )
     return model.to(device).eval().requires_grad_(False)
+
+
+class TextFeatureCache:
+    """Text embeddings cached per prompt (prompts repeat every epoch), at most `size` of them, the least recently
+    used dropped first: a run over a huge prompt set keeps its memory bounded on the reward's device."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        """[B, D] for `prompts`; `encode(missing prompts)` -> [M, D] for those not cached."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.entries]
+        if missing:
+            self.entries.update(zip(missing, encode(missing)))
+        out = []
+        for p in prompts:
+            self.entries.move_to_end(p)
+            out.append(self.entries[p])
+        while len(self.entries) > self.size:  # this call's prompts are the newest: never dropped before use
+            self.entries.popitem(last=False)
+        return torch.stack(out)

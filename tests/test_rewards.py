@@ -91,3 +91,22 @@ def test_nonfinite_training_samples_are_dropped_and_counted(tiny_cfg, tmp_path):
     run.create(cfg)
     with pytest.raises(NonFiniteRewardError, match=r"every one of epoch 0's 8 samples got a non-finite reward"):
         Trainer(cfg, run, LocalSystem(cfg), log=lambda *_: None).fit()
+
+
+def test_reward_text_caches_are_bounded_and_keep_what_a_call_reads():
+    """The learned rewards' per-prompt text embeddings: a huge prompt set must not grow them without end, and a
+    call never loses a prompt it asked for."""
+    from rewards.loading import TextFeatureCache
+
+    calls = []
+
+    def encode(missing):
+        calls.append(list(missing))
+        return torch.stack([torch.full((2,), float(len(p))) for p in missing])
+
+    cache = TextFeatureCache(size=3)
+    assert cache(["a", "bb", "a"], encode).tolist() == [[1, 1], [2, 2], [1, 1]] and calls == [["a", "bb"]]
+    cache(["ccc", "a"], encode)  # "a" used again: "bb" is now the least recent
+    out = cache(["dddd", "eeeee", "a"], encode)
+    assert out[:, 0].tolist() == [4, 5, 1] and list(cache.entries) == ["dddd", "eeeee", "a"]
+    assert calls[-1] == ["dddd", "eeeee"]

@@ -22,3 +22,15 @@ def test_state_round_trip():
     u.load_state_dict(t.state_dict())
     assert u.state_dict() == t.state_dict()
     np.testing.assert_allclose(u.update(["x"], np.array([5.0])), t.update(["x"], np.array([5.0])))
+
+
+def test_a_min_count_the_buffer_cannot_reach_is_refused():
+    """Per-prompt statistics need min_count rewards of a prompt among the buffer_size kept: above it, every
+    advantage would silently use the batch's statistics."""
+    import pytest
+
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"algorithm.stat_tracking: min_count \(40\) exceeds buffer_size \(32\)"):
+        load_config("tiny", ["algorithm.stat_tracking.min_count=40"])
+    assert load_config("tiny", ["algorithm.stat_tracking.min_count=32"]).algorithm.stat_tracking.min_count == 32
