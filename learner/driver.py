@@ -216,6 +216,18 @@ class RaySystem:
             sampled=min(sampled, n), scored=min(scored, n), trained=ray.get(self.learner.progress.remote())
         )
 
+    def _wait_watching(self, target, watch: list, progress, epoch: int, n: int) -> None:
+        """Wait for `target` (the learner's call), showing progress, and raise at once the error of any of
+        `watch` (the epoch's sampler and reward calls) that fails meanwhile: the learner would otherwise wait for
+        their entries until its queue timeout (600 s) before the real error was seen."""
+        pending = list(watch)
+        while not ray.wait([target], timeout=1.0)[0]:
+            if pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ray.get(done)  # a failed call raises its own error here
+            if progress is not None:
+                self._progress(progress, epoch, n)
+
     @_learner_loss
     def train_epoch(self, inputs: EpochInputs, next_inputs: EpochInputs | None, progress=None) -> dict:
         """One epoch through the actors. With `next_inputs` (max_staleness >= 1) the next epoch's sampling
@@ -248,13 +260,10 @@ class RaySystem:
             learn = self.learner.train_items.remote(self.scored_q, items, epoch)
         else:  # every learner gets the same entries (one object, not through the driver) and runs its share
             take = self.learner.take_items.remote(self.scored_q, items, epoch)
-            while progress is not None and not ray.wait([take], timeout=1.0)[0]:
-                self._progress(progress, epoch, n)
+            self._wait_watching(take, futs + rfuts, progress, epoch, n)
             learns = [lr.train_got.remote(take) for lr in self.learners]
             learn = learns[0]
-        if progress is not None:
-            while not ray.wait([learn], timeout=1.0)[0]:
-                self._progress(progress, epoch, n)
+        self._wait_watching(learn, futs + rfuts, progress, epoch, n)
         if next_inputs is None:
             sample_stats = ray.get(futs)
         reward_stats = ray.get(rfuts)
@@ -265,8 +274,9 @@ class RaySystem:
             self._check_learners_agree()
         if progress is not None:
             self._progress(progress, epoch, n)
-        if self._ahead is not None:
-            self.sync_weights()  # queued behind the running sample calls; applies to the epoch after next
+        if self._ahead is not None:  # the sync would queue behind the running sample calls: wait for them first,
+            ray.wait(self._ahead[0], num_returns=len(self._ahead[0]))  # so that sync_ms times the sync alone
+            self.sync_weights()  # applies to the epoch after next
         m.update(  # samples (reward queries): counted by the learner, from distinct scored batches
             time_sample=max(s["time_sample"] for s in sample_stats),
             time_reward=sum(r["time_reward"] for r in reward_stats + sample_stats),  # samplers that score report theirs

@@ -124,6 +124,30 @@ class _NoOpSampler(SamplerActor):
         return version, self.gen.set_weights(self.gen.version, self.gen.lora_state())[1]
 
 
+
+class _FailingSampler(SamplerActor):
+    def sample(self, queue, prompts, seeds, epoch, weights):
+        raise RuntimeError("sampler boom (a CUDA out-of-memory, say)")
+
+
+def test_a_failing_sampler_stops_the_run_with_its_own_error_at_once(ray_session, tiny_cfg, tmp_path):
+    """The driver waited on the learner alone, which waits for the epoch's scored entries up to its queue timeout
+    (600 s): a sampler's error surfaced ten minutes late. It must stop the run within seconds, as itself."""
+    import time
+
+    cfg = _cfg(tiny_cfg, "cluster.num_samplers=1", "train.epochs=1", "eval.every=0")
+    system = RaySystem(cfg)
+    bad = ray.remote(_FailingSampler).options(num_cpus=0.5).remote(cfg, 0)
+    ray.kill(system.samplers[0])
+    system.samplers = [bad]
+    try:
+        t = time.perf_counter()
+        with pytest.raises(ray.exceptions.RayTaskError, match="sampler boom"):
+            Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
+        assert time.perf_counter() - t < 120
+    finally:
+        system.shutdown()
+
 def test_a_silent_noop_weight_sync_stops_the_run(ray_session, tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, "cluster.num_samplers=1", "train.epochs=2", "eval.every=0")
     system = RaySystem(cfg)
