@@ -54,10 +54,11 @@ def main(argv=None) -> dict:
 
     from common.config import load_config
     from common.config_algorithm import window_steps
+    from common.ddim_schedule import scheduler_timesteps
     from common.exploration import plan_rollout
     from common.pipelines import load_policy
     from common.prompts import load_prompts
-    from common.sampling import coarse_tail, ddim_timesteps, denoise, initial_noise
+    from common.sampling import coarse_tail, denoise, initial_noise
     from rewards.shapes import ShapesReward
 
     cfg = load_config(args.config, args.set)
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
     rows = [(p, args.seed * 1_000_003 + i * 7919 + j) for i, p in enumerate(prompts) for j in range(args.per_prompt)]
     reward = ShapesReward()
     sch = model.scheduler
-    ts = ddim_timesteps(sch.config.num_train_timesteps, s.num_steps, sch.config.steps_offset)
+    ts = scheduler_timesteps(sch, s.num_steps)
     tails = [int(k) for k in args.tails.split(",") if k]
     got: dict[str, dict[str, list]] = {}
     secs: dict[str, float] = {}

@@ -183,7 +183,7 @@ def check_model_configs(source: str, resolution) -> None:
 
 
 def _check_scheduler(source: str, config) -> None:
-    from common.sampling import check_scheduler
+    from common.ddim_schedule import check_scheduler
 
     try:
         check_scheduler(config)

@@ -5,7 +5,8 @@ import torch
 
 from common.config import apply_override, validate_config
 from common.exploration import plan_rollout
-from common.sampling import ddim_step_with_logprob, ddim_timesteps, guided_noise_pred, initial_noise, sample_rollout
+from common.ddim_schedule import ddim_timesteps
+from common.sampling import ddim_step_with_logprob, guided_noise_pred, initial_noise, sample_rollout
 from learner.alignprop import AlignPropLearner, sample_with_grad
 
 PROMPTS = ["a red circle to the left of a blue square", "a green triangle above a yellow circle"]

@@ -3,13 +3,13 @@ import math
 import torch
 from diffusers import DDIMScheduler
 
+from common.ddim_schedule import ddim_timesteps, scheduler_timesteps, step_options
 from common.exploration import plan_rollout
 from common.models.sd import StableDiffusion
 from common.sampling import (
     LazyNoise,
     coarse_tail,
     ddim_step_with_logprob,
-    ddim_timesteps,
     denoise,
     guided_noise_pred,
     initial_noise,
@@ -35,8 +35,6 @@ def test_every_timestep_spacing_and_clip_sample_match_diffusers():
     """Schedulers of other models (trailing spacing: SD-Turbo, zero-terminal-SNR models; clip_sample, DDIM's
     default where a config does not set it) were read as SD1.5's: the chain then differed from the model's own
     DDIM pipeline."""
-    from common.sampling import scheduler_timesteps, step_options
-
     for spacing in ("leading", "trailing", "linspace"):
         for steps, offset in ((4, 0), (7, 1), (20, 1), (50, 1)):
             s = DDIMScheduler(steps_offset=offset, timestep_spacing=spacing)

@@ -124,10 +124,18 @@ class _NoOpSampler(SamplerActor):
         return version, self.gen.set_weights(self.gen.version, self.gen.lora_state())[1]
 
 
-
 class _FailingSampler(SamplerActor):
     def sample(self, queue, prompts, seeds, epoch, weights):
         raise RuntimeError("sampler boom (a CUDA out-of-memory, say)")
+
+
+def _system_with_sampler(cfg, sampler_cls) -> RaySystem:
+    """A Ray system whose one sampler is a `sampler_cls` (a misbehaving subclass of SamplerActor)."""
+    system = RaySystem(cfg)
+    bad = ray.remote(sampler_cls).options(num_cpus=0.5).remote(cfg, 0)
+    ray.kill(system.samplers[0])
+    system.samplers = [bad]
+    return system
 
 
 def test_a_failing_sampler_stops_the_run_with_its_own_error_at_once(ray_session, tiny_cfg, tmp_path):
@@ -136,10 +144,7 @@ def test_a_failing_sampler_stops_the_run_with_its_own_error_at_once(ray_session,
     import time
 
     cfg = _cfg(tiny_cfg, "cluster.num_samplers=1", "train.epochs=1", "eval.every=0")
-    system = RaySystem(cfg)
-    bad = ray.remote(_FailingSampler).options(num_cpus=0.5).remote(cfg, 0)
-    ray.kill(system.samplers[0])
-    system.samplers = [bad]
+    system = _system_with_sampler(cfg, _FailingSampler)
     try:
         t = time.perf_counter()
         with pytest.raises(ray.exceptions.RayTaskError, match="sampler boom"):
@@ -148,12 +153,10 @@ def test_a_failing_sampler_stops_the_run_with_its_own_error_at_once(ray_session,
     finally:
         system.shutdown()
 
+
 def test_a_silent_noop_weight_sync_stops_the_run(ray_session, tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, "cluster.num_samplers=1", "train.epochs=2", "eval.every=0")
-    system = RaySystem(cfg)
-    bad = ray.remote(_NoOpSampler).options(num_cpus=0.5).remote(cfg, 0)
-    ray.kill(system.samplers[0])
-    system.samplers = [bad]
+    system = _system_with_sampler(cfg, _NoOpSampler)
     try:
         with pytest.raises(WeightSyncError, match="sampler 0 holds version 1 checksum"):
             Trainer(cfg, _run_dir(tmp_path, cfg), system, log=lambda *_: None).fit()
